@@ -1,0 +1,115 @@
+"""Settings: read once from the environment, validated at start, then frozen.
+
+Nothing else in the package reads ``os.environ``; components receive the
+``Settings`` object (or the few values they need) as arguments.
+"""
+
+import dataclasses
+import os
+import pathlib
+import re
+from typing import Mapping, Optional
+
+from counter import segment
+
+
+class ConfigError(ValueError):
+    """A setting is missing or malformed; the message names it and says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    database_url: Optional[str]
+    flush_interval: float
+    workers: int
+    bind: str
+    data_dir: pathlib.Path
+    shm_dir: pathlib.Path
+    segment_slots: int
+    shm_max_bytes: int
+    worker_class: str
+    graceful_timeout: float
+    log_level: str
+
+    @property
+    def port(self) -> int:
+        return int(self.bind.rsplit(":", 1)[1])
+
+
+# name: (default, help) -- the README's configuration table is written from this.
+DOCUMENTED = {
+    "DATABASE_URL": ("(unset)", "PostgreSQL URL; unset starts an embedded PostgreSQL under DATA_DIR"),
+    "FLUSH_INTERVAL": ("1", "seconds between flushes of shared memory into PostgreSQL"),
+    "WORKERS": ("number of CPUs", "gunicorn worker processes"),
+    "BIND": ("127.0.0.1:8000", "host:port the service listens on"),
+    "DATA_DIR": ("~/.local/share/click-counter", "embedded PostgreSQL data lives here"),
+    "SHM_DIR": ("/dev/shm/click-counter-<port>", "segment files (tmpfs); one directory per node"),
+    "SEGMENT_SLOTS": ("65536", "distinct banners one worker segment holds (32 bytes each)"),
+    "SHM_MAX_BYTES": ("268435456", "cap on all segment files; past it new banners get 503"),
+    "WORKER_CLASS": ("auto", "gunicorn worker class; auto = meinheld when importable"),
+    "GRACEFUL_TIMEOUT": ("30", "seconds SIGTERM waits for workers and the final flush"),
+    "LOG_LEVEL": ("info", "debug, info, warning or error"),
+}
+
+_BIND = re.compile(r"^(?P<host>[^\s:]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
+
+
+def _number(env, name, default, kind, minimum, maximum=None):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a {'number' if kind is float else 'whole number'}")
+    if value != value or value < minimum or (maximum is not None and value > maximum):
+        bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+        raise ConfigError(f"{name}={raw!r} must be {bound}")
+    return value
+
+
+def load(env: Optional[Mapping[str, str]] = None) -> Settings:
+    """Build and validate the settings; raise ConfigError with a clear message."""
+    env = os.environ if env is None else env
+
+    database_url = env.get("DATABASE_URL", "").strip() or None
+    if database_url and not database_url.startswith(("postgres://", "postgresql://")):
+        raise ConfigError("DATABASE_URL must start with postgresql:// (or postgres://)")
+
+    bind = env.get("BIND", "").strip() or "127.0.0.1:8000"
+    match = _BIND.match(bind)
+    if not match or not 0 < int(match["port"]) < 65536:
+        raise ConfigError(f"BIND={bind!r} must look like HOST:PORT, e.g. 127.0.0.1:8000")
+
+    level = (env.get("LOG_LEVEL", "").strip() or "info").lower()
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"LOG_LEVEL={level!r} must be debug, info, warning or error")
+
+    data_dir = pathlib.Path(
+        env.get("DATA_DIR", "").strip() or "~/.local/share/click-counter"
+    ).expanduser().absolute()
+    shm_dir = pathlib.Path(
+        env.get("SHM_DIR", "").strip() or f"/dev/shm/click-counter-{match['port']}"
+    ).expanduser().absolute()
+
+    slots = _number(env, "SEGMENT_SLOTS", 65536, int, 16, 1 << 24)
+    max_bytes = _number(env, "SHM_MAX_BYTES", 256 << 20, int, 1 << 20)
+    if segment.file_size(slots) > max_bytes:
+        raise ConfigError(
+            f"SHM_MAX_BYTES={max_bytes} cannot hold even one segment of SEGMENT_SLOTS={slots} "
+            f"({segment.file_size(slots)} bytes)"
+        )
+
+    return Settings(
+        database_url=database_url,
+        flush_interval=_number(env, "FLUSH_INTERVAL", 1.0, float, 0.05, 3600),
+        workers=_number(env, "WORKERS", os.cpu_count() or 1, int, 1, 1024),
+        bind=bind,
+        data_dir=data_dir,
+        shm_dir=shm_dir,
+        segment_slots=slots,
+        shm_max_bytes=max_bytes,
+        worker_class=env.get("WORKER_CLASS", "").strip() or "auto",
+        graceful_timeout=_number(env, "GRACEFUL_TIMEOUT", 30.0, float, 1, 3600),
+        log_level=level,
+    )

@@ -1,0 +1,98 @@
+"""A local PostgreSQL for when no DATABASE_URL is given.
+
+It runs the PostgreSQL 16 binaries that the `pgserver` wheel ships, listening
+on 127.0.0.1 only (no Unix socket), with its data under DATA_DIR/pgdata.
+PostgreSQL refuses to run as root, so as root it runs as an unprivileged
+system user, as pgserver itself does.
+"""
+
+import logging
+import os
+import pathlib
+import socket
+import subprocess
+
+log = logging.getLogger("counter.embedded")
+
+SYSTEM_USER = "pgserver"
+
+
+def _binaries() -> pathlib.Path:
+    from pgserver._commands import POSTGRES_BIN_PATH
+
+    return POSTGRES_BIN_PATH
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedPostgres:
+    def __init__(self, data_dir, port=None):
+        self.pgdata = pathlib.Path(data_dir).absolute() / "pgdata"
+        self.port = port
+        self.user = SYSTEM_USER if os.geteuid() == 0 else None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool, *args, timeout=60):
+        command = [str(_binaries() / tool), "-D", str(self.pgdata), *args]
+        done = subprocess.run(command, user=self.user, capture_output=True, text=True,
+                              timeout=timeout, stdin=subprocess.DEVNULL)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {(done.stderr or done.stdout).strip()[-2000:]}")
+        return done.stdout
+
+    def _prepare(self):
+        self.pgdata.mkdir(parents=True, exist_ok=True)
+        if self.user is not None:
+            import pwd
+
+            from pgserver.utils import (ensure_folder_permissions, ensure_prefix_permissions,
+                                        ensure_user_exists)
+
+            ensure_user_exists(self.user)
+            ensure_prefix_permissions(self.pgdata)
+            ensure_prefix_permissions(_binaries())
+            ensure_folder_permissions(_binaries(), 0o555)
+            ensure_folder_permissions(_binaries().parent / "lib", 0o444)
+            entry = pwd.getpwnam(self.user)
+            os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
+        self.pgdata.chmod(0o700)
+        if not (self.pgdata / "PG_VERSION").exists():
+            log.info("creating embedded PostgreSQL cluster in %s", self.pgdata)
+            self._run("initdb", "--auth=trust", "--encoding=UTF8", "--locale=C", "-U", "postgres")
+
+    def running_port(self):
+        """The port of a server already running on this data directory, or None."""
+        try:
+            lines = (self.pgdata / "postmaster.pid").read_text().splitlines()
+            pid, port = int(lines[0]), int(lines[3])
+            os.kill(pid, 0)
+        except (OSError, ValueError, IndexError):
+            return None
+        return port
+
+    def start(self) -> str:
+        """Start (or reuse) the server; return its URL."""
+        self._prepare()
+        port = self.running_port()
+        if port is not None:
+            self.port = port
+            log.info("embedded PostgreSQL already running on port %d", port)
+            return self.url
+        self.port = self.port or free_port()
+        options = f"-h 127.0.0.1 -p {self.port} -k '' -c fsync=on"
+        self._run("pg_ctl", "-w", "-t", "60", "-l", str(self.pgdata / "server.log"),
+                  "-o", options, "start")
+        log.info("embedded PostgreSQL started on 127.0.0.1:%d (data in %s)", self.port, self.pgdata)
+        return self.url
+
+    def stop(self, mode="fast"):
+        if self.running_port() is not None:
+            self._run("pg_ctl", "-w", "-t", "60", "-m", mode, "stop")
+            log.info("embedded PostgreSQL stopped")

@@ -1,0 +1,310 @@
+"""The flusher: moves counts from shared-memory segments into PostgreSQL.
+
+Exactly once (DESIGN invariant 5), in one place:
+
+1. settle: a segment whose PENDING_SEQ is ahead of FLUSHED_SEQ was caught by a
+   crash or a failed commit. The database knows whether that sequence was
+   committed: if so the pending values become flushed, if not they are dropped.
+2. stage: each settled segment stores every record's count as PENDING, then
+   sets PENDING_SEQ = FLUSHED_SEQ + 1 (see SegmentFile.stage).
+3. commit: one transaction adds all deltas (count - flushed), pre-aggregated
+   by (banner, minute), and stores each staged segment's PENDING_SEQ.
+4. confirm: PENDING becomes FLUSHED in the segments.
+
+A crash before 3 commits leaves step 1 to drop the pending values; a crash
+after it leaves step 1 to confirm them. Either way no click is lost or added
+twice. Only one flusher may work a directory at a time (an flock guards it).
+"""
+
+import collections
+import fcntl
+import json
+import logging
+import os
+import random
+import signal
+import time
+
+from counter import segment, storage
+
+log = logging.getLogger("counter.flusher")
+
+STATUS_FILE = "flusher.json"
+LOCK_FILE = "flusher.lock"
+STALE_TEMPORARY = 60.0  # seconds; a half-made segment file older than this is abandoned
+
+
+class Flusher:
+    def __init__(self, shm_dir, database_url, *, fault=None):
+        self.shm_dir = str(shm_dir)
+        self.database_url = database_url
+        self.segments = {}  # path -> SegmentFile
+        self.retired_ids = []  # sequence rows to delete in the next transaction
+        self._conn = None
+        # A fault-injection hook for the crash tests: fault("before_commit") etc.
+        self._fault = fault or (lambda point: None)
+
+    # -- one cycle ---------------------------------------------------------
+
+    def flush_once(self) -> dict:
+        """Settle, stage, commit, confirm, retire. Raises on database errors;
+        whatever was staged is then settled by the next call."""
+        self._refresh()
+        conn = self._connection()
+        try:
+            self._settle(conn)
+            finished = {s.path for s in self.segments.values() if s.finished()}
+            rows, seqs, staged = self._stage()
+            retired = list(self.retired_ids)
+            if rows or retired:
+                self._fault("before_commit")
+                storage.write_flush(conn, rows, seqs, retired)
+                self._fault("after_commit")
+                for seg in staged:
+                    seg.commit_pending()
+                del self.retired_ids[: len(retired)]
+        except storage.DatabaseError:
+            self._drop_connection()
+            raise
+        removed = self._retire(finished)
+        return {
+            "rows": len(rows),
+            "clicks": sum(rows.values()),
+            "segments": len(self.segments),
+            "retired": removed,
+        }
+
+    def _settle(self, conn):
+        unsettled = [s for s in self.segments.values() if not s.settled]
+        if not unsettled:
+            return
+        committed = storage.committed_seqs(conn, [s.id for s in unsettled])
+        for seg in unsettled:
+            if committed.get(seg.id, -1) >= seg.words[segment.PENDING_SEQ]:
+                seg.commit_pending()
+                log.info("settled segment=%s outcome=committed", seg.id)
+            else:
+                seg.discard_pending()
+                log.info("settled segment=%s outcome=not_committed", seg.id)
+
+    def _stage(self):
+        rows = collections.defaultdict(int)
+        seqs, staged = {}, []
+        for seg in self.segments.values():
+            deltas = seg.stage()
+            if deltas:
+                staged.append(seg)
+                seqs[seg.id] = seg.words[segment.PENDING_SEQ]
+                for banner_id, delta in deltas.items():
+                    rows[banner_id, seg.minute] += delta
+        return rows, seqs, staged
+
+    def _retire(self, finished) -> int:
+        """Remove segments that can take no more clicks and are fully flushed.
+        `finished` was taken before staging, so their counts were final then."""
+        removed = 0
+        for path in finished:
+            seg = self.segments[path]
+            if seg.settled and seg.unflushed() == 0:
+                if seg.words[segment.FLUSHED_SEQ]:
+                    self.retired_ids.append(seg.id)
+                seg.close()
+                os.unlink(path)
+                del self.segments[path]
+                removed += 1
+        return removed
+
+    def _refresh(self):
+        """Open segment files that appeared; clean abandoned temporary files."""
+        for path in segment.list_segments(self.shm_dir):
+            if path not in self.segments:
+                try:
+                    self.segments[path] = segment.SegmentFile(path)
+                except (ValueError, OSError) as exc:
+                    log.error("unreadable segment path=%s error=%s", path, exc)
+        now = time.time()
+        for name in os.listdir(self.shm_dir):
+            if name.endswith(".tmp"):
+                path = os.path.join(self.shm_dir, name)
+                try:
+                    if now - os.stat(path).st_mtime > STALE_TEMPORARY:
+                        os.unlink(path)
+                except FileNotFoundError:
+                    pass
+
+    def unflushed(self) -> int:
+        return sum(s.unflushed() for s in self.segments.values())
+
+    # -- database connection -------------------------------------------------
+
+    def _connection(self):
+        if self._conn is None or self._conn.closed:
+            self._conn = storage.connect(self.database_url, "click-counter-flusher")
+        return self._conn
+
+    def _drop_connection(self):
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except storage.DatabaseError:
+                pass
+        self._conn = None
+
+    def close(self):
+        self._drop_connection()
+        for seg in self.segments.values():
+            seg.close()
+        self.segments.clear()
+
+    # -- the loop ------------------------------------------------------------
+
+    def run(self, stop: "StopSignal", interval: float, parent_pid=None, max_backoff=10.0):
+        """Flush every `interval` seconds until `stop` is set (or the parent
+        process is gone), then flush once more and return True if that final
+        flush succeeded."""
+        lock = self._lock(stop)
+        if lock is None:
+            return False
+        status = StatusFile(self.shm_dir)
+        failures = 0
+        try:
+            while True:
+                started = time.monotonic()
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    log.warning("parent process %s is gone; final flush and exit", parent_pid)
+                    stop.set()
+                stopping = stop.is_set()
+                try:
+                    result = self.flush_once()
+                except (storage.DatabaseError, OSError) as exc:
+                    failures += 1
+                    delay = min(interval * 2 ** min(failures, 10), max_backoff)
+                    message = storage.describe_error(exc, self.database_url)
+                    log.error(
+                        "flush failed attempt=%d retry_in=%.1fs unflushed=%d error=%r",
+                        failures, delay, self.unflushed(), message,
+                    )
+                    status.failed(message, self.unflushed())
+                    if stopping and stop.deadline_passed():
+                        log.error("giving up at shutdown; %d clicks stay in %s for the next start",
+                                  self.unflushed(), self.shm_dir)
+                        return False
+                    stop.wait(delay)
+                    continue
+                if failures:
+                    log.info("flush recovered after_failures=%d", failures)
+                    failures = 0
+                status.flushed(result, self.unflushed())
+                if stopping:
+                    log.info("final flush done clicks=%d", result["clicks"])
+                    return True
+                stop.wait(max(0.0, interval - (time.monotonic() - started)))
+        finally:
+            self.close()
+            os.close(lock)
+
+    def _lock(self, stop):
+        """Take the directory's flusher lock, waiting while another flusher has it."""
+        fd = os.open(os.path.join(self.shm_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        waiting_logged = False
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if not waiting_logged:
+                    log.warning("another flusher works %s; waiting for it", self.shm_dir)
+                    waiting_logged = True
+                if stop.wait(0.1):
+                    os.close(fd)
+                    return None
+
+
+class StopSignal:
+    """A stop flag safe to set from a signal handler, with a deadline for the
+    final flush. (threading.Event takes a lock in set(), which a handler
+    interrupting the same thread's wait() could find held.)"""
+
+    def __init__(self, grace: float):
+        self.grace = grace
+        self._deadline = None
+
+    def set(self):
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.grace
+
+    def is_set(self) -> bool:
+        return self._deadline is not None
+
+    def wait(self, timeout: float) -> bool:
+        until = time.monotonic() + timeout
+        while self._deadline is None and time.monotonic() < until:
+            time.sleep(min(0.05, max(0.0, until - time.monotonic())))
+        return self.is_set()
+
+    def deadline_passed(self) -> bool:
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+
+class StatusFile:
+    """The flusher's state, for /health in the workers: a small JSON file
+    replaced atomically after every cycle."""
+
+    def __init__(self, shm_dir):
+        self.path = os.path.join(str(shm_dir), STATUS_FILE)
+        self.state = {"pid": os.getpid(), "started_at": time.time(), "last_flush_at": None,
+                      "last_error": None, "last_error_at": None, "unflushed": 0}
+
+    def flushed(self, result, unflushed):
+        self.state.update(last_flush_at=time.time(), last_result=result, unflushed=unflushed)
+        self._write()
+
+    def failed(self, message, unflushed):
+        self.state.update(last_error=message, last_error_at=time.time(), unflushed=unflushed)
+        self._write()
+
+    def _write(self):
+        temporary = self.path + f".{os.getpid()}"
+        with open(temporary, "w") as f:
+            json.dump(self.state, f)
+        os.replace(temporary, self.path)
+
+    @staticmethod
+    def read(shm_dir):
+        try:
+            with open(os.path.join(str(shm_dir), STATUS_FILE)) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+
+def fault_from_env(point_name):
+    """Test-only crash points: COUNTER_TEST_FAULT=before_commit:0.05 makes the
+    flusher SIGKILL itself at that point with that probability."""
+    if not point_name:
+        return None
+    point, _, chance = point_name.partition(":")
+    chance = float(chance or 1)
+    def fault(where):
+        if where == point and random.random() < chance:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return fault
+
+
+def main(settings, parent_pid=None) -> int:
+    """Run the flusher until SIGTERM/SIGINT; the process's exit status."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+    stop = StopSignal(settings.graceful_timeout)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(signum, lambda *_: stop.set())
+    os.makedirs(settings.shm_dir, mode=0o700, exist_ok=True)
+    flusher = Flusher(
+        settings.shm_dir, settings.database_url,
+        fault=fault_from_env(os.environ.get("COUNTER_TEST_FAULT")),
+    )
+    log.info("flusher started pid=%d shm_dir=%s interval=%.2fs",
+             os.getpid(), settings.shm_dir, settings.flush_interval)
+    ok = flusher.run(stop, settings.flush_interval, parent_pid=parent_pid)
+    return 0 if ok else 1

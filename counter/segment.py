@@ -1,0 +1,261 @@
+"""The shared-memory segment: one file in a tmpfs directory, mapped with mmap.
+
+A segment belongs to one worker process and holds the clicks of one minute.
+Every field has exactly one writer (DESIGN invariant 2):
+
+    header (16 x int64)                     writer
+      0 MAGIC                               creator, before the file is visible
+      1 OWNER_PID, 2 OWNER_START            creator
+      3 MINUTE (unix time // 60)            creator
+      4 CAPACITY (records)                  creator
+      5 USED (published records)            worker
+      6 SEALED (1 = worker is done)         worker
+      7 FLUSHED_SEQ, 8 PENDING_SEQ          flusher
+      9 PENDING_USED                        flusher
+    record i (4 x int64) at word 16 + 4*i
+      BANNER, COUNT                         worker
+      FLUSHED, PENDING                      flusher
+
+Publish order (invariant 4): the worker writes a record's banner id first and
+only then raises USED; readers never look at or past USED. A new file is
+fully initialised under a temporary name and renamed into place, so a reader
+never sees a half-written header.
+
+Counts only go up (invariant 3); space comes back by retiring whole files.
+All values are aligned 8-byte words written through ``memoryview.cast('q')``,
+so a reader sees either the old or the new value, never a torn one.
+"""
+
+import mmap
+import os
+import secrets
+import time
+
+MAGIC = 0x31474553_4B434C43  # "CLCKSEG1" in little-endian bytes
+HEADER_WORDS = 16
+RECORD_WORDS = 4
+SUFFIX = ".seg"
+
+# header words
+OWNER_PID, OWNER_START, MINUTE, CAPACITY, USED, SEALED = 1, 2, 3, 4, 5, 6
+FLUSHED_SEQ, PENDING_SEQ, PENDING_USED = 7, 8, 9
+# record words, relative to the record's first word
+BANNER, COUNT, FLUSHED, PENDING = 0, 1, 2, 3
+
+
+def file_size(slots: int) -> int:
+    return 8 * (HEADER_WORDS + RECORD_WORDS * slots)
+
+
+def process_start_time(pid: int):
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None if
+    there is no such process. With the pid it names one process for good, even
+    after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # the command name may hold spaces and parentheses: fields start after the last ')'
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def owner_alive(pid: int, start: int) -> bool:
+    return process_start_time(pid) == start
+
+
+def segment_bytes(directory) -> int:
+    """Bytes taken by all segment files of a directory (the memory bound's measure)."""
+    total = 0
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.name.endswith(SUFFIX):
+                try:
+                    total += entry.stat().st_size
+                except FileNotFoundError:  # retired meanwhile
+                    pass
+    return total
+
+
+def create(directory, minute: int, slots: int):
+    """Create, initialise and publish a segment file; return (path, mmap)."""
+    pid = os.getpid()
+    name = f"{minute}-{pid}-{secrets.token_hex(8)}"
+    final = os.path.join(directory, name + SUFFIX)
+    temporary = os.path.join(directory, "." + name + ".tmp")
+    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, file_size(slots))
+        mapping = mmap.mmap(fd, file_size(slots))
+    finally:
+        os.close(fd)
+    words = memoryview(mapping).cast("q")
+    words[OWNER_PID] = pid
+    words[OWNER_START] = process_start_time(pid)
+    words[MINUTE] = minute
+    words[CAPACITY] = slots
+    words[0] = MAGIC
+    words.release()
+    os.rename(temporary, final)
+    return final, mapping
+
+
+class SegmentWriter:
+    """The worker side: counts clicks into this process's current segment.
+
+    Only the owning worker's single thread may call ``add`` (one writer per
+    field; ``words[i] += 1`` is a read, an add and a store, not atomic).
+    """
+
+    def __init__(self, directory, slots: int, max_bytes: int, clock=time.time):
+        self.directory = str(directory)
+        self.slots = slots
+        self.max_bytes = max_bytes
+        self.clock = clock
+        self.path = None
+        self._mapping = None
+        self._words = None
+        self._index = {}  # banner id -> word index of its count
+        self._used = 0
+        self._minute_start = 0.0
+        self._minute_end = 0.0  # the current segment counts clicks in [start, end)
+        self._retry_at = 0.0  # while out of memory, when to look again
+
+    def add(self, banner_id: int) -> bool:
+        """Count one click now; False when it cannot be stored (memory bound)."""
+        now = self.clock()
+        if not self._minute_start <= now < self._minute_end:
+            if not self._start_segment(now):
+                return False
+        word = self._index.get(banner_id)
+        if word is None:
+            word = self._publish(banner_id, now)
+            if word is None:
+                return False
+        self._words[word] += 1
+        return True
+
+    def _publish(self, banner_id, now):
+        if self._used == self.slots and not self._start_segment(now):
+            return None
+        first = HEADER_WORDS + RECORD_WORDS * self._used
+        self._words[first + BANNER] = banner_id
+        self._used += 1
+        self._words[USED] = self._used  # publish only after the record is written
+        self._index[banner_id] = first + COUNT
+        return first + COUNT
+
+    def _start_segment(self, now) -> bool:
+        """Seal the current segment and open a fresh one for now's minute.
+
+        Fails (and keeps the current one) when the memory bound leaves no room.
+        """
+        minute = int(now // 60)
+        if now < self._retry_at:
+            return False
+        if segment_bytes(self.directory) + file_size(self.slots) > self.max_bytes:
+            self._retry_at = now + 0.25
+            if self._words is not None and self._words[MINUTE] != minute:
+                self.close()  # its minute is over; nothing may count into it now
+            return False
+        path, mapping = create(self.directory, minute, self.slots)
+        self.close()
+        self.path, self._mapping = path, mapping
+        self._words = memoryview(mapping).cast("q")
+        self._index = {}
+        self._used = 0
+        self._minute_start = minute * 60.0
+        self._minute_end = self._minute_start + 60.0
+        return True
+
+    def close(self):
+        """Seal the current segment: the flusher drains it once more and removes it."""
+        if self._words is None:
+            return
+        self._words[SEALED] = 1
+        self._words.release()
+        self._mapping.close()
+        self.path = self._mapping = self._words = None
+        self._index = {}
+        self._minute_start = self._minute_end = 0.0
+
+
+class SegmentFile:
+    """The flusher side of one segment: reads the worker's fields, writes its own."""
+
+    def __init__(self, path):
+        self.path = path
+        self.id = os.path.basename(path)[: -len(SUFFIX)]
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._mapping = mmap.mmap(fd, 0)
+        finally:
+            os.close(fd)
+        self.words = memoryview(self._mapping).cast("q")
+        if len(self.words) < HEADER_WORDS or self.words[0] != MAGIC:
+            self.close()
+            raise ValueError(f"{path} is not a click-counter segment")
+        self.minute = self.words[MINUTE]
+
+    def close(self):
+        self.words.release()
+        self._mapping.close()
+
+    def finished(self) -> bool:
+        """True once no more clicks can arrive: sealed, or its owner is gone."""
+        return bool(self.words[SEALED]) or not owner_alive(
+            self.words[OWNER_PID], self.words[OWNER_START]
+        )
+
+    @property
+    def settled(self) -> bool:
+        return self.words[PENDING_SEQ] == self.words[FLUSHED_SEQ]
+
+    def stage(self):
+        """Record every record's current count as pending; return the deltas.
+
+        Returns {banner_id: count - flushed} for records with new clicks, and
+        leaves PENDING_SEQ one ahead of FLUSHED_SEQ if there were any. The
+        pending values are written before PENDING_SEQ, so a crash in between
+        leaves the segment settled (nothing pending) and loses nothing.
+        """
+        w = self.words
+        used = w[USED]
+        deltas = {}
+        for first in range(HEADER_WORDS, HEADER_WORDS + RECORD_WORDS * used, RECORD_WORDS):
+            count = w[first + COUNT]
+            w[first + PENDING] = count
+            delta = count - w[first + FLUSHED]
+            if delta:
+                deltas[w[first + BANNER]] = delta
+        if deltas:
+            w[PENDING_USED] = used
+            w[PENDING_SEQ] = w[FLUSHED_SEQ] + 1
+        return deltas
+
+    def commit_pending(self):
+        """The pending values are in the database: make them the flushed ones."""
+        w = self.words
+        end = HEADER_WORDS + RECORD_WORDS * w[PENDING_USED]
+        for first in range(HEADER_WORDS, end, RECORD_WORDS):
+            w[first + FLUSHED] = w[first + PENDING]
+        w[FLUSHED_SEQ] = w[PENDING_SEQ]
+
+    def discard_pending(self):
+        """The pending values never reached the database: forget them."""
+        self.words[PENDING_SEQ] = self.words[FLUSHED_SEQ]
+
+    def unflushed(self) -> int:
+        """Clicks counted here and not yet flushed (for health and the final drain)."""
+        w = self.words
+        return sum(
+            w[first + COUNT] - w[first + FLUSHED]
+            for first in range(HEADER_WORDS, HEADER_WORDS + RECORD_WORDS * w[USED], RECORD_WORDS)
+        )
+
+
+def list_segments(directory):
+    """Paths of the published segment files of a directory, oldest minute first."""
+    names = [n for n in os.listdir(directory) if n.endswith(SUFFIX)]
+    names.sort(key=lambda n: (int(n.split("-", 1)[0]), n))
+    return [os.path.join(directory, n) for n in names]

@@ -1,0 +1,171 @@
+"""PostgreSQL: connections, migrations, the flush transaction, and stats queries."""
+
+import datetime
+import importlib.resources
+import math
+import re
+
+import psycopg2
+import psycopg2.extensions
+
+# Any fixed number; every node takes this advisory lock while migrating.
+_MIGRATION_LOCK = 0x636C6B73  # "clks"
+
+GRANULARITIES = {"minute": 60, "hour": 3600, "day": 86400}
+
+DatabaseError = psycopg2.Error
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, fit for logs and error messages."""
+    url = re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", url)
+    return re.sub(r"(password=)\S+", r"\1***", url)
+
+
+def describe_error(exc: BaseException, url: str = "") -> str:
+    """One line about a database error, never holding the password."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if url:
+        text = text.replace(url, redact(url))
+    return redact(text)
+
+
+def connect(url: str, application_name: str = "click-counter"):
+    return psycopg2.connect(url, connect_timeout=5, application_name=application_name)
+
+
+def _migrations():
+    folder = importlib.resources.files("counter") / "migrations"
+    found = []
+    for item in folder.iterdir():
+        match = re.match(r"^(\d{4})_(\w+)\.sql$", item.name)
+        if match:
+            found.append((int(match[1]), match[2], item.read_text()))
+    return sorted(found)
+
+
+def migrate(conn) -> list:
+    """Apply the migrations this database lacks; return the names applied.
+
+    One transaction under an advisory lock, so several nodes may run it at
+    once: the first applies, the others wait and then find nothing to do.
+    """
+    applied = []
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        cur.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            " version int PRIMARY KEY, name text NOT NULL,"
+            " applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        cur.execute("SELECT version FROM schema_migrations")
+        done = {row[0] for row in cur.fetchall()}
+        for version, name, sql in _migrations():
+            if version not in done:
+                cur.execute(sql)
+                cur.execute(
+                    "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                    (version, name),
+                )
+                applied.append(f"{version:04d}_{name}")
+    return applied
+
+
+def migration_status(conn) -> list:
+    """[(version, name, applied_at or None)] for every known migration."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+        rows = {}
+        if cur.fetchone()[0]:
+            cur.execute("SELECT version, applied_at FROM schema_migrations")
+            rows = dict(cur.fetchall())
+    return [(v, n, rows.get(v)) for v, n, _ in _migrations()]
+
+
+def _array(values) -> str:
+    # A Postgres array literal: far cheaper to build and parse than one
+    # bound parameter per element.
+    return "{" + ",".join(map(str, values)) + "}"
+
+
+def write_flush(conn, rows, segment_seqs, retired=()):
+    """The flush transaction: add click deltas and record segment sequences.
+
+    rows: {(banner_id, minute): delta}; segment_seqs: {segment_id: seq};
+    retired: ids of removed segments whose sequence rows may go.
+    Keys are written in a fixed order, so concurrent flushers of several
+    nodes never deadlock on each other's rows.
+    """
+    keys = sorted(rows)
+    segments = sorted(segment_seqs)
+    with conn, conn.cursor() as cur:
+        if keys:
+            cur.execute(
+                "INSERT INTO clicks (banner_id, ts, count)"
+                " SELECT b, to_timestamp(m * 60), c"
+                " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS u(b, m, c)"
+                " ON CONFLICT (banner_id, ts) DO UPDATE SET count = clicks.count + EXCLUDED.count",
+                (
+                    _array(k[0] for k in keys),
+                    _array(k[1] for k in keys),
+                    _array(rows[k] for k in keys),
+                ),
+            )
+        if segments:
+            cur.execute(
+                "INSERT INTO segment_flushes (segment_id, seq)"
+                " SELECT * FROM unnest(%s::text[], %s::bigint[])"
+                " ON CONFLICT (segment_id) DO UPDATE SET seq = EXCLUDED.seq, flushed_at = now()",
+                (segments, [segment_seqs[s] for s in segments]),
+            )
+        if retired:
+            cur.execute(
+                "DELETE FROM segment_flushes WHERE segment_id = ANY(%s)", (sorted(retired),)
+            )
+
+
+def committed_seqs(conn, segment_ids) -> dict:
+    """{segment_id: last committed flush sequence} for those that have one."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT segment_id, seq FROM segment_flushes WHERE segment_id = ANY(%s)",
+            (list(segment_ids),),
+        )
+        return dict(cur.fetchall())
+
+
+def floor_time(ts: datetime.datetime, granularity: str) -> datetime.datetime:
+    step = GRANULARITIES[granularity]
+    seconds = math.floor(ts.timestamp())
+    return datetime.datetime.fromtimestamp(seconds - seconds % step, datetime.timezone.utc)
+
+
+def ceil_time(ts: datetime.datetime, granularity: str) -> datetime.datetime:
+    floor = floor_time(ts, granularity)
+    if floor == ts:
+        return floor
+    return floor + datetime.timedelta(seconds=GRANULARITIES[granularity])
+
+
+def bucket_count(start: datetime.datetime, end: datetime.datetime, granularity: str) -> int:
+    """How many buckets overlap [start, end)."""
+    span = ceil_time(end, granularity) - floor_time(start, granularity)
+    return int(span.total_seconds()) // GRANULARITIES[granularity]
+
+
+def click_stats(conn, banner_id: int, start, end, granularity: str):
+    """[(bucket start, clicks)] of the buckets overlapping [start, end) that
+    have clicks, oldest first. A bucket that overlaps is counted whole."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT date_trunc(%s, ts, 'UTC') AS bucket, sum(count)::bigint"
+            " FROM clicks WHERE banner_id = %s AND ts >= %s AND ts < %s"
+            " GROUP BY bucket ORDER BY bucket",
+            (granularity, banner_id, floor_time(start, granularity), ceil_time(end, granularity)),
+        )
+        return cur.fetchall()
+
+
+def ping(conn) -> None:
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT 1")

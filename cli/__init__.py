@@ -1,0 +1,1 @@
+"""The `counter` operator command line (built with click)."""

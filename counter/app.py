@@ -1,0 +1,157 @@
+"""The HTTP API: ``create_app(settings, clicks, database)`` builds the Falcon app.
+
+Dependencies come in as arguments: ``clicks`` has ``add(banner_id) -> bool``
+(a SegmentWriter in production), ``database`` has ``run(fn, *args)``.
+Every error, on every route, is rendered by ``_serialize_error`` as
+``{"error": "...", "code": status}``.
+"""
+
+import json
+import logging
+import time
+import urllib.parse
+
+import falcon
+
+from counter import health, stats_request, storage
+
+log = logging.getLogger("counter.app")
+
+MAX_BODY = 64 * 1024
+RETRY_AFTER = 1  # seconds; the flusher frees memory every flush interval
+
+
+def _error(status_class, message, **kwargs):
+    return status_class(description=message, **kwargs)
+
+
+def _serialize_error(req, resp, exc: falcon.HTTPError):
+    resp.content_type = falcon.MEDIA_JSON
+    message = exc.description or exc.title
+    if isinstance(exc, falcon.HTTPRouteNotFound):
+        message = f"no route {req.path}"
+    elif isinstance(exc, falcon.HTTPMethodNotAllowed):
+        message = f"method {req.method} is not allowed on {req.path}"
+    resp.text = json.dumps({"error": message, "code": exc.status_code})
+
+
+def _unexpected_error(req, resp, exc, params):
+    # Log the trace for us; the client gets a plain JSON 500, never a trace.
+    log.exception("unhandled error on %s %s", req.method, req.path)
+    raise falcon.HTTPInternalServerError(description="internal error")
+
+
+def _banner(text):
+    try:
+        return stats_request.banner_id(text)
+    except stats_request.BadRequest as exc:
+        raise _error(falcon.HTTPBadRequest, str(exc))
+
+
+def read_body(req) -> bytes:
+    """The request body, at most MAX_BODY bytes (413 beyond). Reads req.stream
+    directly because bounded_stream is empty for chunked requests."""
+    if req.content_length is not None:
+        if req.content_length > MAX_BODY:
+            raise _error(falcon.HTTPContentTooLarge, f"the body is larger than {MAX_BODY} bytes")
+        return req.bounded_stream.read()
+    body = req.stream.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        raise _error(falcon.HTTPContentTooLarge, f"the body is larger than {MAX_BODY} bytes")
+    return body
+
+
+class ClickResource:
+    """Counts one click. Nothing here but parsing the id and one add."""
+
+    def __init__(self, clicks, status):
+        self._add = clicks.add
+        self._status = status
+
+    def on_get(self, req, resp, banner_id):
+        if not self._add(_banner(banner_id)):
+            raise _error(
+                falcon.HTTPServiceUnavailable,
+                "click memory is full; retry shortly",
+                retry_after=RETRY_AFTER,
+            )
+        resp.status = self._status
+
+    on_post = on_get
+
+
+class MissingBannerResource:
+    """`/counter/` and friends: the id is empty, which is a bad request, not a 404."""
+
+    def on_get(self, req, resp):
+        raise _error(falcon.HTTPBadRequest, "banner id is missing")
+
+    on_post = on_get
+
+
+class StatsResource:
+    def __init__(self, database):
+        self._database = database
+
+    def on_get(self, req, resp, banner_id):
+        banner = _banner(banner_id)
+        fields = dict(urllib.parse.parse_qsl(req.query_string, keep_blank_values=True))
+        self._answer(resp, banner, fields)
+
+    def on_post(self, req, resp, banner_id):
+        banner = _banner(banner_id)
+        try:
+            fields = stats_request.parse_json(read_body(req))
+        except stats_request.BadRequest as exc:
+            raise _error(falcon.HTTPBadRequest, str(exc))
+        self._answer(resp, banner, fields)
+
+    def _answer(self, resp, banner, fields):
+        try:
+            query = stats_request.stats_query(banner, fields)
+        except stats_request.BadRequest as exc:
+            raise _error(falcon.HTTPBadRequest, str(exc))
+        try:
+            buckets = self._database.run(
+                storage.click_stats, query.banner_id, query.start, query.end, query.granularity
+            )
+        except storage.DatabaseError as exc:
+            log.warning("stats query failed: %s", self._database.describe(exc))
+            raise _error(falcon.HTTPServiceUnavailable, "the database is unavailable", retry_after=5)
+        resp.media = query.answer(buckets)
+
+
+class HealthResource:
+    def __init__(self, database, shm_dir):
+        self._database = database
+        self._shm_dir = shm_dir
+
+    def on_get(self, req, resp):
+        resp.media = health.report(self._database, self._shm_dir, time.time())
+
+
+class HeartbeatResource:
+    """The legacy health check: answers 200 whenever the process serves."""
+
+    def on_get(self, req, resp):
+        resp.media = {"status": "ok"}
+
+
+def create_app(settings, clicks, database) -> falcon.App:
+    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    app.req_options.strip_url_path_trailing_slash = False
+    app.set_error_serializer(_serialize_error)
+    app.add_error_handler(Exception, _unexpected_error)
+
+    app.add_route("/counter/{banner_id}", ClickResource(clicks, falcon.HTTP_200))
+    app.add_route("/v1/banners/counter/{banner_id}", ClickResource(clicks, falcon.HTTP_204))
+    stats = StatsResource(database)
+    app.add_route("/stats/{banner_id}", stats)
+    app.add_route("/v1/banners/stats/{banner_id}", stats)
+    missing = MissingBannerResource()
+    for prefix in ("/counter", "/v1/banners/counter", "/stats", "/v1/banners/stats"):
+        app.add_route(prefix, missing)
+        app.add_route(prefix + "/", missing)
+    app.add_route("/health", HealthResource(database, settings.shm_dir))
+    app.add_route("/v1/healthcheck", HeartbeatResource())
+    return app

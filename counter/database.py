@@ -1,0 +1,37 @@
+"""A worker's lazily opened, self-healing database connection."""
+
+import logging
+
+from counter import storage
+
+log = logging.getLogger("counter.database")
+
+
+class Database:
+    """Runs ``fn(conn, *args)`` on one connection, opened on first use and
+    reopened after a connection failure. One per worker process (a
+    connection must not cross a fork)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self._conn = None
+
+    def run(self, fn, *args):
+        if self._conn is None or self._conn.closed:
+            self._conn = storage.connect(self.url)
+        try:
+            return fn(self._conn, *args)
+        except (storage.psycopg2.OperationalError, storage.psycopg2.InterfaceError):
+            self.close()
+            raise
+
+    def describe(self, exc) -> str:
+        return storage.describe_error(exc, self.url)
+
+    def close(self):
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except storage.DatabaseError:
+                pass
+            self._conn = None

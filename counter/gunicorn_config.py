@@ -1,0 +1,52 @@
+"""gunicorn settings and hooks of the service (used by gunicorn.conf.py and
+`counter serve`). Every value comes from counter.config.Settings."""
+
+# Module names are private (_x): gunicorn reads every public name here as a
+# setting, and "config" is one of its own.
+import sys as _sys
+
+from counter import config as _config
+from counter import service as _service
+
+try:
+    _settings = _config.load()
+except _config.ConfigError as _exc:
+    _sys.exit(f"configuration error: {_exc}")
+_service.setup_logging(_settings.log_level)
+
+# -- serving -----------------------------------------------------------------
+bind = [_settings.bind]
+workers = _settings.workers
+worker_class = _service.worker_class(_settings)
+threads = 1  # one thread per worker: each segment has exactly one writer
+# meinheld uses this as its file-descriptor table size; sockets above it are
+# never closed, so it must exceed the connections a worker may hold.
+worker_connections = 16384
+keepalive = 5
+timeout = 30
+graceful_timeout = int(_settings.graceful_timeout)
+preload_app = False  # segments are opened in the worker, after the fork
+wsgi_app = "counter.wsgi:application"
+
+# -- process -----------------------------------------------------------------
+proc_name = "click-counter"
+control_socket_disable = True  # several instances per machine must not share one socket
+loglevel = _settings.log_level
+accesslog = None  # a log line per click would cost more than counting it
+
+
+# -- hooks -------------------------------------------------------------------
+def on_starting(server):
+    _service.prepare(_settings)
+
+
+def when_ready(server):
+    _service.start_flusher(server)
+
+
+def worker_exit(server, worker):
+    _service.seal_worker_segment()
+
+
+def on_exit(server):
+    _service.shutdown(_settings)

@@ -1,0 +1,85 @@
+"""The service's life in the gunicorn master: start-up, the flusher, shutdown.
+
+gunicorn.conf.py (and counter serve, through counter.gunicorn_config) call
+these from gunicorn's hooks; each does one thing.
+"""
+
+import logging
+import os
+import sys
+
+from counter import embedded, storage, supervisor, worker
+
+log = logging.getLogger("counter.service")
+
+LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+
+_embedded = None
+_flusher = None
+
+
+def setup_logging(level: str):
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+
+
+def worker_class(settings) -> str:
+    """meinheld when it imports; otherwise the single-threaded sync worker,
+    loudly. (A threaded worker would break the one-writer rule of segments.)"""
+    if settings.worker_class != "auto":
+        return settings.worker_class
+    if worker.MEINHELD_IMPORT_ERROR is None:
+        return "counter.worker.MeinheldWorker"
+    log.warning(
+        "meinheld cannot be imported (%s); serving with gunicorn's sync worker, "
+        "one request at a time per worker: expect far fewer clicks/s",
+        worker.MEINHELD_IMPORT_ERROR,
+    )
+    return "sync"
+
+
+def prepare(settings):
+    """Before the first fork: the shared-memory directory, the database
+    (embedded when DATABASE_URL is unset) and its migrations."""
+    global _embedded
+    os.makedirs(settings.shm_dir, mode=0o700, exist_ok=True)
+    url = settings.database_url
+    if url is None:
+        _embedded = embedded.EmbeddedPostgres(settings.data_dir)
+        url = _embedded.start()
+        # Workers inherit the environment at fork, the flusher at spawn.
+        os.environ["DATABASE_URL"] = url
+    try:
+        conn = storage.connect(url)
+        try:
+            applied = storage.migrate(conn)
+        finally:
+            conn.close()
+        if applied:
+            log.info("applied migrations: %s", ", ".join(applied))
+    except storage.DatabaseError as exc:
+        # Clicks are still taken; the flusher migrates once the database answers.
+        log.error("database not ready at start: %s", storage.describe_error(exc, url))
+
+
+def start_flusher(server):
+    global _flusher
+    listeners = [sock.fileno() for sock in server.LISTENERS]
+    _flusher = supervisor.FlusherSupervisor(
+        supervisor.flusher_command(os.getpid()), server.log, close_fds=listeners
+    )
+    _flusher.start()
+
+
+def seal_worker_segment():
+    """A worker leaving gracefully seals its segment so the flusher can retire it now."""
+    wsgi = sys.modules.get("counter.wsgi")
+    if wsgi is not None:
+        wsgi.clicks.close()
+
+
+def shutdown(settings):
+    """After the workers are gone: the flusher's final flush, then the embedded database."""
+    if _flusher is not None:
+        _flusher.stop(timeout=settings.graceful_timeout)
+    if _embedded is not None:
+        _embedded.stop()

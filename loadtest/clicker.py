@@ -1,0 +1,125 @@
+"""A bounded click load that remembers every acknowledged click.
+
+Used by the end-to-end tests (and runnable alone): it sends `total` clicks
+over `connections` keep-alive connections, spread over `banners` banner ids,
+to a loopback address, and stops at `total` or `deadline`, whichever first.
+
+For every 2xx answer it records the banner and, when the request was sent
+and answered within one minute, that minute (the server stamps the click
+somewhere in between). A request that got no answer (connection reset by a
+killed worker) is "unanswered": the server may or may not have counted it.
+"""
+
+import argparse
+import collections
+import http.client
+import json
+import threading
+import time
+import urllib.parse
+
+
+class Tally:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.acked = collections.Counter()  # banner -> 2xx answers
+        self.by_minute = collections.Counter()  # (banner, minute) -> 2xx answers certainly in it
+        self.straddling = collections.Counter()  # banner -> 2xx answers across a minute edge
+        self.statuses = collections.Counter()
+        self.unanswered = 0
+
+    @property
+    def total(self):
+        return sum(self.acked.values())
+
+    def merge(self, other):
+        with self.lock:
+            self.acked.update(other.acked)
+            self.by_minute.update(other.by_minute)
+            self.straddling.update(other.straddling)
+            self.statuses.update(other.statuses)
+            self.unanswered += other.unanswered
+
+    def summary(self):
+        return {"acknowledged": self.total, "unanswered": self.unanswered,
+                "statuses": dict(self.statuses)}
+
+
+def _host_port(base_url):
+    parts = urllib.parse.urlsplit(base_url)
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ValueError("load goes to loopback addresses only")
+    return parts.hostname, parts.port or 80
+
+
+def _worker(base_url, path, clicks, deadline, tally):
+    host, port = _host_port(base_url)
+    mine = Tally()
+    conn = None
+    for banner in clicks:
+        if time.monotonic() > deadline:
+            break
+        if conn is None:
+            conn = http.client.HTTPConnection(host, port, timeout=10)
+        sent = time.time()
+        try:
+            conn.request("GET", path.format(banner))
+            response = conn.getresponse()
+            response.read()
+        except (OSError, http.client.HTTPException):
+            mine.unanswered += 1
+            conn.close()
+            conn = None
+            time.sleep(0.01)
+            continue
+        answered = time.time()
+        mine.statuses[response.status] += 1
+        if 200 <= response.status < 300:
+            mine.acked[banner] += 1
+            if int(sent // 60) == int(answered // 60):
+                mine.by_minute[banner, int(sent // 60)] += 1
+            else:
+                mine.straddling[banner] += 1
+        if response.will_close:
+            conn.close()
+            conn = None
+    if conn is not None:
+        conn.close()
+    tally.merge(mine)
+
+
+def drive(base_url, total, banners=200, connections=16, seconds=120.0,
+          path="/counter/{}", first_banner=1, tally=None):
+    """Send up to `total` clicks within `seconds`; return the Tally."""
+    tally = tally or Tally()
+    deadline = time.monotonic() + seconds
+    # banner ids cycle so that every banner gets clicks on every connection
+    plan = [first_banner + i % banners for i in range(total)]
+    threads = [
+        threading.Thread(target=_worker, args=(base_url, path, plan[i::connections], deadline, tally))
+        for i in range(connections)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return tally
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("base_url", help="e.g. http://127.0.0.1:8000")
+    parser.add_argument("--total", type=int, default=20000)
+    parser.add_argument("--banners", type=int, default=200)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=120)
+    args = parser.parse_args()
+    started = time.monotonic()
+    tally = drive(args.base_url, args.total, args.banners, args.connections, args.seconds)
+    summary = tally.summary()
+    summary["seconds"] = round(time.monotonic() - started, 2)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The exactly-once flush protocol against a real PostgreSQL: a crash between
+any two steps neither loses nor repeats a click."""
+
+import fcntl
+import os
+
+import psycopg2
+import pytest
+
+from conftest import clicks_by_banner, query
+from counter import segment
+from counter.flusher import LOCK_FILE, Flusher, StopSignal
+from counter.segment import SegmentFile, SegmentWriter
+
+
+class Crash(Exception):
+    """Stands for the flusher process dying at a fault point."""
+
+
+def crash_at(point, exc=Crash):
+    def fault(where):
+        if where == point:
+            raise exc(f"fault at {where}")
+    return fault
+
+
+def count(shm, clicks):
+    w = SegmentWriter(shm, 64, 1 << 20)
+    for banner, n in clicks.items():
+        for _ in range(n):
+            assert w.add(banner)
+    return w
+
+
+@pytest.fixture
+def shm(tmp_path):
+    path = tmp_path / "shm"
+    path.mkdir()
+    return str(path)
+
+
+def test_a_flush_stores_the_deltas_and_a_second_adds_only_new_clicks(shm, database_url):
+    w = count(shm, {1: 3, 2: 1})
+    f = Flusher(shm, database_url)
+    assert f.flush_once()["clicks"] == 4
+    count_more = {1: 2}
+    for banner, n in count_more.items():
+        for _ in range(n):
+            w.add(banner)
+    assert f.flush_once()["clicks"] == 2
+    assert f.flush_once()["clicks"] == 0
+    assert clicks_by_banner(database_url) == {1: 5, 2: 1}
+    f.close()
+
+
+def test_crash_after_staging_values_before_the_sequence_loses_nothing(shm, database_url):
+    count(shm, {1: 3})
+    seg = SegmentFile(segment.list_segments(shm)[0])
+    # step (a) only: pending values written, PENDING_SEQ never raised
+    w = seg.words
+    for first in range(16, 16 + 4 * w[segment.USED], 4):
+        w[first + segment.PENDING] = w[first + segment.COUNT]
+    seg.close()
+    f = Flusher(shm, database_url)
+    f.flush_once()
+    assert clicks_by_banner(database_url) == {1: 3}
+    f.close()
+
+
+@pytest.mark.parametrize("exc", [Crash, psycopg2.OperationalError])
+def test_crash_before_commit_is_settled_as_not_committed(shm, database_url, exc):
+    count(shm, {1: 3, 2: 2})
+    with pytest.raises(exc):
+        Flusher(shm, database_url, fault=crash_at("before_commit", exc)).flush_once()
+    assert clicks_by_banner(database_url) == {}
+    seg = SegmentFile(segment.list_segments(shm)[0])
+    assert not seg.settled  # the crash left pending values behind
+    seg.close()
+    f = Flusher(shm, database_url)  # the next flusher
+    f.flush_once()
+    assert clicks_by_banner(database_url) == {1: 3, 2: 2}
+    f.flush_once()
+    assert clicks_by_banner(database_url) == {1: 3, 2: 2}
+    f.close()
+
+
+@pytest.mark.parametrize("exc", [Crash, psycopg2.OperationalError])
+def test_crash_after_commit_is_settled_as_committed(shm, database_url, exc):
+    """Dying after COMMIT, before pending becomes flushed (or the connection
+    dropping while COMMIT's answer was on its way) must not count twice."""
+    count(shm, {1: 3, 2: 2})
+    with pytest.raises(exc):
+        Flusher(shm, database_url, fault=crash_at("after_commit", exc)).flush_once()
+    assert clicks_by_banner(database_url) == {1: 3, 2: 2}
+    f = Flusher(shm, database_url)
+    f.flush_once()
+    f.flush_once()
+    assert clicks_by_banner(database_url) == {1: 3, 2: 2}
+    f.close()
+
+
+def test_crash_halfway_through_confirming_is_settled(shm, database_url):
+    count(shm, {1: 3, 2: 2, 3: 1})
+    with pytest.raises(Crash):
+        Flusher(shm, database_url, fault=crash_at("after_commit")).flush_once()
+    seg = SegmentFile(segment.list_segments(shm)[0])
+    w = seg.words
+    w[16 + segment.FLUSHED] = w[16 + segment.PENDING]  # only the first record confirmed
+    seg.close()
+    f = Flusher(shm, database_url)
+    f.flush_once()
+    assert clicks_by_banner(database_url) == {1: 3, 2: 2, 3: 1}
+    f.close()
+
+
+def test_settlement_waits_for_the_database(shm, postgres_url, database_url):
+    count(shm, {7: 4})
+    with pytest.raises(Crash):
+        Flusher(shm, database_url, fault=crash_at("after_commit")).flush_once()
+    unreachable = "postgresql://nobody@127.0.0.1:1/none"
+    with pytest.raises(psycopg2.OperationalError):
+        Flusher(shm, unreachable).flush_once()
+    seg = SegmentFile(segment.list_segments(shm)[0])
+    assert not seg.settled  # nothing decided without the database
+    seg.close()
+    f = Flusher(shm, database_url)
+    f.flush_once()
+    assert clicks_by_banner(database_url) == {7: 4}
+    f.close()
+
+
+def test_finished_segments_are_drained_then_removed(shm, database_url):
+    w = count(shm, {1: 2})
+    path = w.path
+    w.close()  # sealed
+    f = Flusher(shm, database_url)
+    assert f.flush_once()["retired"] == 1
+    assert not os.path.exists(path)
+    assert clicks_by_banner(database_url) == {1: 2}
+    seg_id = os.path.basename(path)[:-4]
+    assert query(database_url, "SELECT count(*) FROM segment_flushes WHERE segment_id=%s", (seg_id,)) == [(1,)]
+    count(shm, {2: 1})  # the next flush transaction drops the retired sequence row
+    f.flush_once()
+    assert query(database_url, "SELECT count(*) FROM segment_flushes WHERE segment_id=%s", (seg_id,)) == [(0,)]
+    f.close()
+
+
+def test_segments_of_many_minutes_become_rows_per_minute(shm, database_url):
+    clock_time = [1_700_000_000.0]
+    w = SegmentWriter(shm, 16, 1 << 20, clock=lambda: clock_time[0])
+    w.add(1)
+    clock_time[0] += 60
+    w.add(1)
+    w.add(1)
+    f = Flusher(shm, database_url)
+    f.flush_once()
+    rows = query(database_url, "SELECT extract(epoch FROM ts)::bigint, count FROM clicks ORDER BY ts")
+    minute = int(1_700_000_000 // 60 * 60)
+    assert rows == [(minute, 1), (minute + 60, 2)]
+    f.close()
+
+
+def test_a_second_flusher_waits_for_the_first(shm, database_url):
+    count(shm, {1: 1})
+    lock = os.open(os.path.join(shm, LOCK_FILE), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    stop = StopSignal(0.0)
+    stop.set()  # would flush once at once, if it could take the lock
+    assert Flusher(shm, database_url).run(stop, interval=0.1) is False
+    assert clicks_by_banner(database_url) == {}
+    os.close(lock)
+    stop = StopSignal(1.0)
+    stop.set()
+    assert Flusher(shm, database_url).run(stop, interval=0.1) is True
+    assert clicks_by_banner(database_url) == {1: 1}

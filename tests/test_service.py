@@ -1,0 +1,135 @@
+"""The real service (gunicorn master, meinheld workers, flusher) against a real
+PostgreSQL: every acknowledged click is stored exactly once, whatever dies."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import alive, clicks_by_banner, clicks_by_minute, wait_until
+from loadtest import clicker
+
+pytestmark = pytest.mark.service
+
+N = 20_000
+
+
+def wait_for_flush(url, tally, flush_interval=0.2):
+    """Wait until the database holds at least every acknowledged click, then two
+    more flush intervals, so that a late double count would show."""
+    wait_until(lambda: sum(clicks_by_banner(url).values()) >= tally.total, timeout=30)
+    time.sleep(max(1.0, 3 * flush_interval))
+    return clicks_by_banner(url)
+
+
+def assert_exact(url, tally):
+    """No acknowledged click lost; none counted twice. A request cut off by a
+    kill (unanswered) may or may not have been counted, so it is the only slack."""
+    stored = wait_for_flush(url, tally)
+    lost = {b: n - stored.get(b, 0) for b, n in tally.acked.items() if stored.get(b, 0) < n}
+    assert not lost, f"clicks lost per banner: {lost}"
+    extra = sum(stored.values()) - tally.total
+    assert 0 <= extra <= tally.unanswered, (
+        f"{extra} clicks more than acknowledged, only {tally.unanswered} unanswered")
+    assert set(stored) <= set(tally.acked) or tally.unanswered
+    # Per minute: the server stamps a click between send and answer; clicks
+    # whose round trip stayed inside one minute must be in that minute's row.
+    by_minute = clicks_by_minute(url)
+    for (banner, minute), certain in tally.by_minute.items():
+        row = by_minute.get((banner, minute), 0)
+        slack = tally.straddling[banner] + tally.unanswered
+        assert certain <= row <= certain + slack, (banner, minute, certain, row)
+    return stored
+
+
+def test_clicks_are_stored_exactly_per_banner_and_minute(database_url, service_factory):
+    service = service_factory(database_url, workers=2)
+    tally = clicker.drive(service.url, N, banners=500, connections=16, seconds=120)
+    assert tally.total == N and tally.unanswered == 0, tally.summary()
+    stored = assert_exact(database_url, tally)
+    assert stored == dict(tally.acked)  # nothing unanswered: exact equality
+
+
+def _load_in_background(service, total, **kwargs):
+    tally = clicker.Tally()
+    thread = threading.Thread(
+        target=clicker.drive, args=(service.url, total),
+        kwargs=dict(banners=300, connections=16, seconds=120, tally=tally, **kwargs))
+    thread.start()
+    return thread, tally
+
+
+def test_kill_worker_mid_load_loses_nothing(database_url, service_factory):
+    service = service_factory(database_url, workers=2)
+    thread, tally = _load_in_background(service, N)
+    time.sleep(1.0)
+    victim = service.worker_pids()[0]
+    os.kill(victim, signal.SIGKILL)
+    thread.join()
+
+    assert service.proc.poll() is None, "the gunicorn master died:\n" + service.log()
+    assert wait_until(lambda: len(service.worker_pids()) == 2 and victim not in service.worker_pids())
+    status, _ = service.get("/counter/1")
+    assert status == 200
+    tally.acked[1] += 1
+    assert tally.total > N // 2, tally.summary()
+    assert_exact(database_url, tally)
+
+
+def test_kill_flusher_mid_load_is_back_within_two_seconds(database_url, service_factory):
+    service = service_factory(database_url, workers=2)
+    thread, tally = _load_in_background(service, N)
+    time.sleep(1.0)
+    victim = service.flusher_pid()
+    os.kill(victim, signal.SIGKILL)
+    killed_at = time.monotonic()
+    replacement = wait_until(
+        lambda: (p := service.flusher_pid()) is not None and p != victim and p, timeout=5, interval=0.02)
+    back_after = time.monotonic() - killed_at
+    thread.join()
+    assert replacement, "no new flusher:\n" + service.log()
+    assert back_after < 2.0, f"flusher back after {back_after:.2f}s"
+    assert_exact(database_url, tally)
+
+
+def test_sigterm_flushes_everything_before_exit(database_url, service_factory):
+    # A flush interval far longer than the test: only the shutdown drain can store the clicks.
+    service = service_factory(database_url, workers=2, flush_interval=600)
+    time.sleep(1.5)  # let the flusher's first (empty) cycle pass
+    tally = clicker.drive(service.url, 5000, banners=100, connections=8, seconds=60)
+    assert tally.total == 5000
+    assert sum(clicks_by_banner(database_url).values()) == 0
+    code = service.terminate()
+    assert code == 0, service.log()
+    assert clicks_by_banner(database_url) == dict(tally.acked)
+    assert not [n for n in os.listdir(service.shm_dir) if n.endswith(".seg")]
+    assert not [p for p in service.started_pids if alive(p)]
+
+
+def test_two_instances_on_one_machine_do_not_collide(database_url, service_factory, tmp_path):
+    # gunicorn 27 would give both the same control socket under $HOME by default
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "XDG_RUNTIME_DIR": ""}
+    one = service_factory(database_url, workers=2, extra_env=env)
+    two = service_factory(database_url, workers=2, extra_env=env)
+    assert one.port != two.port and one.shm_dir != two.shm_dir
+    tallies = []
+    threads = []
+    for service in (one, two):
+        tally = clicker.Tally()
+        tallies.append(tally)
+        threads.append(threading.Thread(target=clicker.drive, args=(service.url, 8000),
+                                        kwargs=dict(banners=100, connections=8, tally=tally)))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    both = clicker.Tally()
+    for tally in tallies:
+        both.merge(tally)
+    assert both.total == 16000
+    assert_exact(database_url, both)
+    assert not (home / ".gunicorn").exists(), "a gunicorn control socket was created"

@@ -11,6 +11,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import warnings
 
 log = logging.getLogger("counter.embedded")
 
@@ -18,8 +19,11 @@ SYSTEM_USER = "pgserver"
 
 
 def _binaries() -> pathlib.Path:
-    from pgserver._commands import POSTGRES_BIN_PATH
-
+    with warnings.catch_warnings():
+        # importing pgserver touches platformdirs, which warns when
+        # XDG_RUNTIME_DIR is unset; we use none of its runtime paths
+        warnings.simplefilter("ignore")
+        from pgserver._commands import POSTGRES_BIN_PATH
     return POSTGRES_BIN_PATH
 
 

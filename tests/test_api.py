@@ -1,0 +1,219 @@
+"""Every route and error of the HTTP contract, through falcon.testing, with a
+real segment writer and a real PostgreSQL behind the app."""
+
+import json
+
+import falcon.testing
+import pytest
+
+from conftest import query
+from counter import app as app_module
+from counter import config, database, segment
+from counter.app import create_app
+from counter.flusher import Flusher
+
+MAX = 2**63 - 1
+
+
+@pytest.fixture
+def env(tmp_path, database_url):
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    settings = config.load({"DATABASE_URL": database_url, "SHM_DIR": str(shm)})
+    clicks = segment.SegmentWriter(shm, settings.segment_slots, settings.shm_max_bytes)
+    db = database.Database(database_url)
+    client = falcon.testing.TestClient(create_app(settings, clicks, db))
+    client.shm = str(shm)
+    client.url = database_url
+    yield client
+    db.close()
+    clicks.close()
+
+
+def insert(url, rows):
+    query(url, "INSERT INTO clicks (banner_id, ts, count) SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bigint[]) RETURNING 1",
+          ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
+
+
+def assert_error(result, status):
+    assert result.status_code == status, result.text
+    body = result.json
+    assert set(body) == {"error", "code"} and body["code"] == status and body["error"]
+    assert result.headers["content-type"].startswith("application/json")
+
+
+def flush(client):
+    f = Flusher(client.shm, client.url)
+    f.flush_once()
+    f.close()
+
+
+# -- clicks -------------------------------------------------------------------
+
+def test_get_and_post_counter_count_a_click_each(env):
+    assert env.simulate_get("/counter/123").status_code == 200
+    r = env.simulate_post("/counter/123")
+    assert r.status_code == 200 and r.content == b""
+    assert env.simulate_get("/v1/banners/counter/123").status_code == 204
+    assert env.simulate_get(f"/counter/{MAX}").status_code == 200
+    flush(env)
+    assert dict(query(env.url, "SELECT banner_id, sum(count)::int FROM clicks GROUP BY 1")) == {123: 3, MAX: 1}
+
+
+@pytest.mark.parametrize("bad", ["abc", "0", "-1", "+1", "1.5", "1e3", str(MAX + 1),
+                                 "99999999999999999999999999", "%20", "١٢٣", "0x10", "12abc"])
+def test_bad_banner_ids_are_400_and_count_nothing(env, bad):
+    assert_error(env.simulate_get(f"/counter/{bad}"), 400)
+    assert_error(env.simulate_get(f"/v1/banners/counter/{bad}"), 400)
+    assert_error(env.simulate_post(f"/stats/{bad}", json={"from": "2024-01-01", "to": "2024-01-02"}), 400)
+    assert segment.list_segments(env.shm) == []  # nothing was even opened
+
+
+@pytest.mark.parametrize("path", ["/counter/", "/counter", "/stats/", "/v1/banners/counter/"])
+def test_an_empty_banner_id_is_400(env, path):
+    assert_error(env.simulate_get(path), 400)
+
+
+def test_a_full_memory_answers_503_with_retry_after(env):
+    full = type("Full", (), {"add": staticmethod(lambda banner: False)})()
+    settings = config.load({"DATABASE_URL": env.url, "SHM_DIR": env.shm})
+    client = falcon.testing.TestClient(create_app(settings, full, database.Database(env.url)))
+    r = client.simulate_get("/counter/1")
+    assert_error(r, 503)
+    assert r.headers["retry-after"] == str(app_module.RETRY_AFTER)
+
+
+def test_unknown_route_is_404_and_wrong_method_405(env):
+    assert_error(env.simulate_get("/nope"), 404)
+    assert_error(env.simulate_delete("/counter/1"), 405)
+    assert_error(env.simulate_put("/stats/1"), 405)
+    assert_error(env.simulate_post("/health"), 405)
+
+
+# -- stats ----------------------------------------------------------------------
+
+@pytest.fixture
+def stats_rows(env):
+    insert(env.url, [
+        (5, "2024-01-01T10:00:00Z", 2),
+        (5, "2024-01-01T10:05:00Z", 1),
+        (5, "2024-01-01T11:59:00Z", 4),
+        (5, "2024-01-02T00:00:00Z", 8),
+        (6, "2024-01-01T10:00:00Z", 100),
+    ])
+    return env
+
+
+def test_stats_answer_has_the_contract_shape(stats_rows):
+    r = stats_rows.simulate_post("/stats/5", json={"from": "2024-01-01T00:00:00Z", "to": "2024-01-02T00:00:00Z"})
+    assert r.status_code == 200
+    assert r.json == {
+        "bannerID": 5, "from": "2024-01-01T00:00:00Z", "to": "2024-01-02T00:00:00Z",
+        "granularity": "minute", "total": 7,
+        "stats": [{"ts": "2024-01-01T10:00:00Z", "v": 2}, {"ts": "2024-01-01T10:05:00Z", "v": 1},
+                  {"ts": "2024-01-01T11:59:00Z", "v": 4}],
+    }
+
+
+def test_stats_accepts_legacy_names_alias_route_and_get(stats_rows):
+    body = {"tsFrom": "2024-01-01T00:00:00", "tsTo": "2024-01-01T10:01:00"}
+    r = stats_rows.simulate_post("/v1/banners/stats/5", json=body)
+    assert r.status_code == 200 and r.json["total"] == 2
+    r = stats_rows.simulate_get("/stats/5", query_string="from=2024-01-01T10:00:00Z&to=2024-01-03T00:00:00Z&granularity=hour")
+    assert r.json["stats"] == [{"ts": "2024-01-01T10:00:00Z", "v": 3}, {"ts": "2024-01-01T11:00:00Z", "v": 4},
+                               {"ts": "2024-01-02T00:00:00Z", "v": 8}]
+
+
+def test_stats_day_buckets_and_offsets(stats_rows):
+    # 2024-01-01T12:00+02:00 is 10:00Z; the day bucket overlapping it is counted whole
+    r = stats_rows.simulate_post("/stats/5", json={"from": "2024-01-01T12:00:00+02:00", "to": "2024-01-02T00:00:01Z",
+                                                   "granularity": "day"})
+    assert r.json["from"] == "2024-01-01T10:00:00Z"
+    assert r.json["stats"] == [{"ts": "2024-01-01T00:00:00Z", "v": 7}, {"ts": "2024-01-02T00:00:00Z", "v": 8}]
+    assert r.json["total"] == 15
+
+
+def test_stats_buckets_overlapping_the_range_edges_count(stats_rows):
+    r = stats_rows.simulate_post("/stats/5", json={"from": "2024-01-01T10:05:30Z", "to": "2024-01-01T11:59:00.5Z"})
+    assert [s["ts"] for s in r.json["stats"]] == ["2024-01-01T10:05:00Z", "2024-01-01T11:59:00Z"]
+
+
+def test_stats_of_an_unknown_banner_is_empty(stats_rows):
+    r = stats_rows.simulate_post("/stats/999", json={"from": "2024-01-01", "to": "2024-01-02"})
+    assert r.status_code == 200 and r.json["total"] == 0 and r.json["stats"] == []
+
+
+@pytest.mark.parametrize("body,fragment", [
+    (b"{not json", "not valid JSON"),
+    (b"", "empty"),
+    (b"[1, 2]", "JSON object"),
+    (b'{"to": "2024-01-02"}', "'from' is required"),
+    (b'{"from": "2024-01-02"}', "'to' is required"),
+    (b'{"from": 5, "to": "2024-01-02"}', "string"),
+    (b'{"from": "yesterday", "to": "2024-01-02"}', "ISO-8601"),
+    (b'{"from": "2024-01-02", "to": "2024-01-01"}', "before"),
+    (b'{"from": "2024-01-02", "to": "2024-01-02"}', "before"),
+    (b'{"from": "2024-01-01", "to": "2024-01-02", "granularity": "week"}', "granularity"),
+    (b'{"from": "2024-01-01", "to": "2024-01-02", "granularity": 3}', "granularity"),
+    (b'{"from": "2020-01-01", "to": "2024-01-02"}', "use granularity 'hour'"),
+    (b'{"from": "1990-01-01", "to": "2024-01-02", "granularity": "hour"}', "use granularity 'day'"),
+    (b'{"from": "1000-01-01", "to": "9000-01-02", "granularity": "day"}', "narrow the range"),
+    (b'{"from": "0001-01-01T00:00:00+01:00", "to": "2024-01-02"}', "ISO-8601"),
+    (b'{"from": "2024-01-01", "to": "9999-12-31T23:59:59"}', "between the years"),
+    (b'\xff\xfe', "not valid JSON"),
+])
+def test_bad_stats_requests_are_400_with_a_clear_message(env, body, fragment):
+    r = env.simulate_post("/stats/1", body=body, headers={"content-type": "application/json"})
+    assert_error(r, 400)
+    assert fragment in r.json["error"]
+
+
+def test_a_body_over_64_kib_is_413(env):
+    big = json.dumps({"from": "2024-01-01", "to": "2024-01-02", "pad": "x" * 70000})
+    assert_error(env.simulate_post("/stats/1", body=big), 413)
+
+
+def test_a_chunked_body_is_read_and_capped(env):
+    ok = json.dumps({"from": "2024-01-01", "to": "2024-01-02"}).encode()
+    r = env.simulate_post("/stats/1", body=ok, headers={"transfer-encoding": "chunked"})
+    assert r.status_code == 200, r.text
+    big = b'{"pad": "' + b"x" * 70000 + b'"}'
+    r = env.simulate_post("/stats/1", body=big, headers={"transfer-encoding": "chunked"})
+    assert_error(r, 413)
+
+
+def test_stats_with_the_database_down_is_503(tmp_path):
+    settings = config.load({"DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})
+    client = falcon.testing.TestClient(create_app(settings, segment.SegmentWriter(tmp_path, 16, 1 << 20),
+                                                  database.Database(settings.database_url)))
+    r = client.simulate_post("/stats/1", json={"from": "2024-01-01", "to": "2024-01-02"})
+    assert_error(r, 503)
+    assert "secret" not in r.text
+    health = client.simulate_get("/health")
+    assert health.status_code == 200 and health.json["database"]["reachable"] is False
+    assert "secret" not in health.text
+
+
+# -- health -----------------------------------------------------------------------
+
+def test_health_reports_database_flusher_and_pending_clicks(env):
+    env.simulate_get("/counter/1")
+    env.simulate_get("/counter/2")
+    h = env.simulate_get("/health")
+    assert h.status_code == 200
+    assert h.json["database"] == {"reachable": True}
+    assert h.json["pending_clicks"] == 2
+    assert h.json["flusher"]["alive"] is False and h.json["status"] == "degraded"  # no flusher here
+    flush(env)
+    assert env.simulate_get("/health").json["pending_clicks"] == 0
+    legacy = env.simulate_get("/v1/healthcheck")
+    assert legacy.status_code == 200 and legacy.json == {"status": "ok"}
+
+
+def test_an_unexpected_error_is_a_json_500_without_a_trace(env):
+    broken = type("Broken", (), {"add": staticmethod(lambda banner: 1 / 0)})()
+    settings = config.load({"DATABASE_URL": env.url, "SHM_DIR": env.shm})
+    client = falcon.testing.TestClient(create_app(settings, broken, database.Database(env.url)))
+    r = client.simulate_get("/counter/1")
+    assert_error(r, 500)
+    assert "ZeroDivision" not in r.text and "Traceback" not in r.text

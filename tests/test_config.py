@@ -1,0 +1,38 @@
+"""Settings are validated at start with a message that names the setting."""
+
+import pytest
+
+from counter import config
+
+
+def test_defaults_are_sane():
+    s = config.load({})
+    assert s.database_url is None and s.flush_interval == 1.0 and s.bind == "127.0.0.1:8000"
+    assert str(s.shm_dir) == "/dev/shm/click-counter-8000"
+    assert s.workers >= 1 and s.segment_slots == 65536
+
+
+@pytest.mark.parametrize("env,fragment", [
+    ({"FLUSH_INTERVAL": "soon"}, "FLUSH_INTERVAL"),
+    ({"FLUSH_INTERVAL": "0"}, "FLUSH_INTERVAL"),
+    ({"FLUSH_INTERVAL": "nan"}, "FLUSH_INTERVAL"),
+    ({"WORKERS": "0"}, "WORKERS"),
+    ({"WORKERS": "2.5"}, "WORKERS"),
+    ({"BIND": "8000"}, "BIND"),
+    ({"BIND": "127.0.0.1:99999"}, "BIND"),
+    ({"DATABASE_URL": "mysql://x"}, "DATABASE_URL"),
+    ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+    ({"SEGMENT_SLOTS": "4"}, "SEGMENT_SLOTS"),
+    ({"SHM_MAX_BYTES": "2000000", "SEGMENT_SLOTS": "1000000"}, "SHM_MAX_BYTES"),
+])
+def test_bad_settings_are_refused_by_name(env, fragment):
+    with pytest.raises(config.ConfigError, match=fragment):
+        config.load(env)
+
+
+def test_every_setting_is_documented_in_the_readme():
+    import pathlib
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    for name in config.DOCUMENTED:
+        assert f"`{name}`" in readme, name

@@ -18,13 +18,18 @@ log = logging.getLogger("counter.embedded")
 SYSTEM_USER = "pgserver"
 
 
-def _binaries() -> pathlib.Path:
+def _pgserver():
+    """pgserver's binaries path and its utilities module."""
     with warnings.catch_warnings():
         # importing pgserver touches platformdirs, which warns when
         # XDG_RUNTIME_DIR is unset; we use none of its runtime paths
         warnings.simplefilter("ignore")
-        from pgserver._commands import POSTGRES_BIN_PATH
-    return POSTGRES_BIN_PATH
+        from pgserver import _commands, utils
+    return _commands.POSTGRES_BIN_PATH, utils
+
+
+def _binaries() -> pathlib.Path:
+    return _pgserver()[0]
 
 
 def free_port() -> int:
@@ -56,14 +61,12 @@ class EmbeddedPostgres:
         if self.user is not None:
             import pwd
 
-            from pgserver.utils import (ensure_folder_permissions, ensure_prefix_permissions,
-                                        ensure_user_exists)
-
-            ensure_user_exists(self.user)
-            ensure_prefix_permissions(self.pgdata)
-            ensure_prefix_permissions(_binaries())
-            ensure_folder_permissions(_binaries(), 0o555)
-            ensure_folder_permissions(_binaries().parent / "lib", 0o444)
+            binaries, utils = _pgserver()
+            utils.ensure_user_exists(self.user)
+            utils.ensure_prefix_permissions(self.pgdata)
+            utils.ensure_prefix_permissions(binaries)
+            utils.ensure_folder_permissions(binaries, 0o555)
+            utils.ensure_folder_permissions(binaries.parent / "lib", 0o444)
             entry = pwd.getpwnam(self.user)
             os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
         self.pgdata.chmod(0o700)

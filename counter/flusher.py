@@ -158,10 +158,9 @@ class Flusher:
 
     # -- the loop ------------------------------------------------------------
 
-    def run(self, stop: "StopSignal", interval: float, parent_pid=None, max_backoff=10.0):
-        """Flush every `interval` seconds until `stop` is set (or the parent
-        process is gone), then flush once more and return True if that final
-        flush succeeded."""
+    def run(self, stop: "StopSignal", interval: float, max_backoff=10.0):
+        """Flush every `interval` seconds until `stop` is set, then flush once
+        more; True if that final flush succeeded."""
         lock = self._lock(stop)
         if lock is None:
             return False
@@ -170,9 +169,6 @@ class Flusher:
         try:
             while True:
                 started = time.monotonic()
-                if parent_pid is not None and os.getppid() != parent_pid:
-                    log.warning("parent process %s is gone; final flush and exit", parent_pid)
-                    stop.set()
                 stopping = stop.is_set()
                 try:
                     result = self.flush_once()
@@ -223,10 +219,12 @@ class Flusher:
 class StopSignal:
     """A stop flag safe to set from a signal handler, with a deadline for the
     final flush. (threading.Event takes a lock in set(), which a handler
-    interrupting the same thread's wait() could find held.)"""
+    interrupting the same thread's wait() could find held.) With a parent pid
+    it also sets itself when that process is no longer our parent."""
 
-    def __init__(self, grace: float):
+    def __init__(self, grace: float, parent_pid=None):
         self.grace = grace
+        self.parent_pid = parent_pid
         self._deadline = None
 
     def set(self):
@@ -234,11 +232,14 @@ class StopSignal:
             self._deadline = time.monotonic() + self.grace
 
     def is_set(self) -> bool:
+        if self._deadline is None and self.parent_pid is not None and os.getppid() != self.parent_pid:
+            log.warning("parent process %s is gone; final flush and exit", self.parent_pid)
+            self.set()
         return self._deadline is not None
 
     def wait(self, timeout: float) -> bool:
         until = time.monotonic() + timeout
-        while self._deadline is None and time.monotonic() < until:
+        while not self.is_set() and time.monotonic() < until:
             time.sleep(min(0.05, max(0.0, until - time.monotonic())))
         return self.is_set()
 
@@ -296,7 +297,7 @@ def main(settings, parent_pid=None) -> int:
     """Run the flusher until SIGTERM/SIGINT; the process's exit status."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
-    stop = StopSignal(settings.graceful_timeout)
+    stop = StopSignal(settings.graceful_timeout, parent_pid)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
         signal.signal(signum, lambda *_: stop.set())
     os.makedirs(settings.shm_dir, mode=0o700, exist_ok=True)
@@ -306,5 +307,5 @@ def main(settings, parent_pid=None) -> int:
     )
     log.info("flusher started pid=%d shm_dir=%s interval=%.2fs",
              os.getpid(), settings.shm_dir, settings.flush_interval)
-    ok = flusher.run(stop, settings.flush_interval, parent_pid=parent_pid)
+    ok = flusher.run(stop, settings.flush_interval)
     return 0 if ok else 1

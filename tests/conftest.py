@@ -138,10 +138,13 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.shm_dir = str(shm_dir)
         self.log_path = pathlib.Path(log_dir) / f"service-{self.port}.log"
-        self.env = dict(os.environ, DATABASE_URL=database_url, BIND=f"127.0.0.1:{self.port}",
+        self.env = dict(os.environ, BIND=f"127.0.0.1:{self.port}",
                         SHM_DIR=self.shm_dir, WORKERS=str(workers),
                         FLUSH_INTERVAL=str(flush_interval), GRACEFUL_TIMEOUT="20",
                         **(extra_env or {}))
+        self.env.pop("DATABASE_URL", None)
+        if database_url:  # None: the service starts its embedded PostgreSQL
+            self.env["DATABASE_URL"] = database_url
         self.workers = workers
         self.proc = None
         self.started_pids = set()

@@ -2,6 +2,7 @@
 any two steps neither loses nor repeats a click."""
 
 import fcntl
+import logging
 import os
 
 import psycopg2
@@ -173,3 +174,86 @@ def test_a_second_flusher_waits_for_the_first(shm, database_url):
     stop.set()
     assert Flusher(shm, database_url).run(stop, interval=0.1) is True
     assert clicks_by_banner(database_url) == {1: 1}
+
+
+def test_flusher_retries_while_the_database_is_down_and_catches_up(shm, tmp_path, caplog):
+    import threading
+
+    from counter import embedded, storage
+    from counter.flusher import StatusFile
+
+    caplog.set_level(logging.INFO, logger="counter.flusher")
+    server = embedded.EmbeddedPostgres(tmp_path / "pg")
+    url = server.start()
+    try:
+        conn = storage.connect(url)
+        storage.migrate(conn)
+        conn.close()
+        w = count(shm, {1: 2})
+        stop = StopSignal(30.0)
+        flusher = Flusher(shm, url)
+        thread = threading.Thread(target=flusher.run, args=(stop, 0.1), kwargs={"max_backoff": 0.5})
+        thread.start()
+        assert wait(lambda: clicks_by_banner(url) == {1: 2})
+        server.stop(mode="immediate")
+        for _ in range(5):
+            w.add(2)  # clicks keep being counted while the database is away
+        assert wait(lambda: (StatusFile.read(shm) or {}).get("last_error"))
+        assert wait(lambda: "attempt=3" in caplog.text)  # retried, and still failing
+        server.start()  # same data directory, same port
+        assert wait(lambda: clicks_by_banner(url) == {1: 2, 2: 5})
+        stop.set()
+        thread.join(timeout=30)
+        assert "flush failed" in caplog.text and "flush recovered" in caplog.text
+        assert "password" not in caplog.text
+    finally:
+        server.stop(mode="immediate")
+
+
+def wait(predicate, timeout=20.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return True
+        except psycopg2.Error:
+            pass
+        time.sleep(0.05)
+    return False
+
+
+def test_migrations_run_concurrently_apply_once(postgres_url, database_url):
+    # database_url only lends its server address; the migrations go to a new, empty database
+    import threading
+
+    from counter import storage
+
+    fresh = database_url.rsplit("/", 1)[0] + "/" + "m_" + os.urandom(4).hex()
+    admin = psycopg2.connect(postgres_url)
+    admin.autocommit = True
+    with admin.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {fresh.rsplit('/', 1)[1]}")
+    results, errors = [], []
+
+    def migrate():
+        try:
+            conn = storage.connect(fresh)
+            results.append(storage.migrate(conn))
+            conn.close()
+        except Exception as exc:  # noqa: BLE001 -- collected for the assertion
+            errors.append(exc)
+
+    threads = [threading.Thread(target=migrate) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert not errors
+        assert sorted(map(len, results)) == [0, 0, 0, 0, 0, 1]
+    finally:
+        with admin.cursor() as cur:
+            cur.execute(f"DROP DATABASE {fresh.rsplit('/', 1)[1]} WITH (FORCE)")
+        admin.close()

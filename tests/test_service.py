@@ -133,3 +133,40 @@ def test_two_instances_on_one_machine_do_not_collide(database_url, service_facto
     assert both.total == 16000
     assert_exact(database_url, both)
     assert not (home / ".gunicorn").exists(), "a gunicorn control socket was created"
+
+
+def test_kill_master_ends_the_tree_and_the_next_start_drains_its_segments(database_url, service_factory):
+    service = service_factory(database_url, workers=2, flush_interval=600)
+    time.sleep(1.5)  # the first, empty flush cycle has passed; the next is 10 minutes away
+    tally = clicker.drive(service.url, 4000, banners=100, connections=8, seconds=60)
+    children = service.worker_pids() + [service.flusher_pid()]
+    os.kill(service.master_pid, signal.SIGKILL)
+    service.proc.wait()
+    # workers notice their parent is gone; the flusher flushes once more and exits
+    assert wait_until(lambda: not [p for p in children if alive(p)], timeout=15), \
+        [p for p in children if alive(p)]
+    again = service_factory(database_url, shm_dir=service.shm_dir, workers=2)
+    assert_exact(database_url, tally)
+    assert wait_until(lambda: len(os.listdir(again.shm_dir)) and not [
+        n for n in os.listdir(again.shm_dir)
+        if n.endswith(".seg") and n.split("-")[1] in {str(p) for p in children}])
+
+
+def test_without_meinheld_the_sync_worker_serves_exactly(database_url, service_factory):
+    service = service_factory(database_url, workers=2, extra_env={"WORKER_CLASS": "sync"})
+    tally = clicker.drive(service.url, 3000, banners=50, connections=4, seconds=60)
+    assert tally.total == 3000
+    assert_exact(database_url, tally)
+
+
+def test_serve_without_database_url_runs_an_embedded_postgres(tmp_path, service_factory):
+    env = {"DATA_DIR": str(tmp_path / "data")}
+    service = service_factory(None, workers=1, extra_env=env)
+    for _ in range(3):
+        assert service.get("/counter/9")[0] == 200
+    body = wait_until(lambda: (b := service.get(
+        "/stats/9?from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z&granularity=day")[1]) and b'"total": 3' in b and b)
+    assert b'"total": 3' in body
+    assert (tmp_path / "data" / "pgdata" / "postmaster.pid").exists()
+    assert service.terminate() == 0
+    assert not (tmp_path / "data" / "pgdata" / "postmaster.pid").exists()  # stopped with the service

@@ -1,11 +1,13 @@
 """A local PostgreSQL for when no DATABASE_URL is given.
 
-It runs the PostgreSQL 16 binaries that the `pgserver` wheel ships, listening
-on 127.0.0.1 only (no Unix socket), with its data under DATA_DIR/pgdata.
-PostgreSQL refuses to run as root, so as root it runs as an unprivileged
-system user, as pgserver itself does.
+It runs the PostgreSQL 16 binaries that the `pgserver` wheel ships (or, where
+that wheel is not available, e.g. Python 3.13, Debian's postgresql package),
+listening on 127.0.0.1 only (no Unix socket), with its data under
+DATA_DIR/pgdata. PostgreSQL refuses to run as root, so as root it runs as an
+unprivileged system user.
 """
 
+import glob
 import logging
 import os
 import pathlib
@@ -18,18 +20,41 @@ log = logging.getLogger("counter.embedded")
 SYSTEM_USER = "pgserver"
 
 
-def _pgserver():
-    """pgserver's binaries path and its utilities module."""
-    with warnings.catch_warnings():
-        # importing pgserver touches platformdirs, which warns when
-        # XDG_RUNTIME_DIR is unset; we use none of its runtime paths
-        warnings.simplefilter("ignore")
-        from pgserver import _commands, utils
-    return _commands.POSTGRES_BIN_PATH, utils
-
-
 def _binaries() -> pathlib.Path:
-    return _pgserver()[0]
+    """The folder holding initdb and pg_ctl."""
+    try:
+        with warnings.catch_warnings():
+            # importing pgserver touches platformdirs, which warns when
+            # XDG_RUNTIME_DIR is unset; we use none of its runtime paths
+            warnings.simplefilter("ignore")
+            from pgserver._commands import POSTGRES_BIN_PATH
+        return POSTGRES_BIN_PATH
+    except ImportError:
+        pass
+    debian = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"),
+                    key=lambda p: int(p.split("/")[4]))
+    if debian:
+        return pathlib.Path(debian[-1]).parent
+    raise RuntimeError("no PostgreSQL binaries for the embedded database: install the pgserver "
+                       "package (Python <= 3.12) or Debian's postgresql, or set DATABASE_URL")
+
+
+def _ensure_system_user(name):
+    import pwd
+
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        name], check=True, capture_output=True)
+        return pwd.getpwnam(name)
+
+
+def _ensure_reachable(path: pathlib.Path, mode: int):
+    """Let another user reach `path`: o+x on every parent folder, `mode` added on it."""
+    for parent in path.parents:
+        parent.chmod(parent.stat().st_mode | 0o001)
+    path.chmod(path.stat().st_mode | mode)
 
 
 def free_port() -> int:
@@ -59,16 +84,13 @@ class EmbeddedPostgres:
     def _prepare(self):
         self.pgdata.mkdir(parents=True, exist_ok=True)
         if self.user is not None:
-            import pwd
-
-            binaries, utils = _pgserver()
-            utils.ensure_user_exists(self.user)
-            utils.ensure_prefix_permissions(self.pgdata)
-            utils.ensure_prefix_permissions(binaries)
-            utils.ensure_folder_permissions(binaries, 0o555)
-            utils.ensure_folder_permissions(binaries.parent / "lib", 0o444)
-            entry = pwd.getpwnam(self.user)
+            entry = _ensure_system_user(self.user)
+            _ensure_reachable(self.pgdata, 0)
             os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
+            binaries = _binaries()
+            for folder in (binaries, binaries.parent / "lib"):
+                if folder.is_dir():
+                    _ensure_reachable(folder, 0o005)
         self.pgdata.chmod(0o700)
         if not (self.pgdata / "PG_VERSION").exists():
             log.info("creating embedded PostgreSQL cluster in %s", self.pgdata)

@@ -1,0 +1,37 @@
+"""Choosing and building the gunicorn worker."""
+
+import logging
+
+from counter import config, service, worker
+
+
+def test_meinheld_is_chosen_when_it_imports():
+    if worker.MEINHELD_IMPORT_ERROR is None:
+        assert service.worker_class(config.load({})) == "counter.worker.MeinheldWorker"
+
+
+def test_without_meinheld_the_sync_worker_is_used_with_a_warning_that_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(worker, "MEINHELD_IMPORT_ERROR", ImportError("undefined symbol: Py_TRASHCAN_SAFE_BEGIN"))
+    with caplog.at_level(logging.WARNING, logger="counter.service"):
+        assert service.worker_class(config.load({})) == "sync"
+    assert "meinheld cannot be imported" in caplog.text and "Py_TRASHCAN_SAFE_BEGIN" in caplog.text
+
+
+def test_an_explicit_worker_class_is_kept():
+    assert service.worker_class(config.load({"WORKER_CLASS": "sync"})) == "sync"
+
+
+def test_the_meinheld_worker_leaves_gunicorns_logger_alone():
+    """meinheld's own worker swaps Logger.error in the master; ours must not."""
+    if worker.MEINHELD_IMPORT_ERROR is not None:
+        return
+    from gunicorn.config import Config
+    from gunicorn.glogging import Logger
+
+    before = Logger.error
+    cfg = Config()
+    log = Logger(cfg)
+    w = worker.MeinheldWorker(0, 1, [], None, 30, cfg, log)
+    assert Logger.error is before
+    log.error("Worker (pid:%s) was sent SIGKILL!", 123)  # raised TypeError with meinheld's patch
+    assert w is not None

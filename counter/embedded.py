@@ -75,8 +75,14 @@ class EmbeddedPostgres:
 
     def _run(self, tool, *args, timeout=60):
         command = [str(_binaries() / tool), "-D", str(self.pgdata), *args]
-        done = subprocess.run(command, user=self.user, capture_output=True, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
+        # the user's own group and no others: keeping root's group would apply
+        # the (closed) group bits of root-owned folders on the way to the data
+        as_user = {}
+        if self.user is not None:
+            entry = _ensure_system_user(self.user)
+            as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, **as_user)
         if done.returncode != 0:
             raise RuntimeError(f"{tool} failed: {(done.stderr or done.stdout).strip()[-2000:]}")
         return done.stdout

@@ -4,12 +4,15 @@ Settings come from the environment (see README, "Configuration"); options
 given here override them for this run.
 """
 
+import datetime
+import json
 import os
 import sys
 
 import click
 
-from counter import config, storage
+from cli import output, times
+from counter import config, stats_request, storage
 
 
 def _settings(**overrides):
@@ -116,3 +119,162 @@ def status():
             click.echo(f"{version:04d}_{name}  {state}")
     finally:
         conn.close()
+
+
+# -- reading statistics ----------------------------------------------------------
+
+_TIME_HELP = "ISO-8601 (no offset: --tz), now, today, yesterday, or -30m/-1h/-7d/-2w."
+
+
+def _range(start, end, tz_name):
+    """Parse --from/--to (and --tz) into UTC datetimes, from before to."""
+    tz = times.zone(tz_name)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        first = times.parse(start, tz, now)
+    except click.BadParameter as exc:
+        raise click.BadParameter(str(exc), param_hint="--from")
+    try:
+        last = times.parse(end, tz, now)
+    except click.BadParameter as exc:
+        raise click.BadParameter(str(exc), param_hint="--to")
+    if not first < last:
+        raise click.BadParameter("--from must be before --to", param_hint="--from")
+    return first, last, tz
+
+
+def _query(fn, *args):
+    """Run one storage function on a fresh connection, with a one-line error."""
+    url = _database_url(_settings())
+    conn = _connect(url)
+    try:
+        return fn(conn, *args)
+    except storage.DatabaseError as exc:
+        raise click.ClickException(f"database error: {storage.describe_error(exc, url)}")
+    finally:
+        conn.close()
+
+
+def _banner_id(ctx, param, value):
+    if value is None:
+        return None
+    values = value if isinstance(value, tuple) else (value,)
+    try:
+        parsed = tuple(stats_request.banner_id(str(v)) for v in values)
+    except stats_request.BadRequest as exc:
+        raise click.BadParameter(str(exc))
+    return parsed if isinstance(value, tuple) else parsed[0]
+
+
+_from = click.option("--from", "start", required=True, help="Start of the range. " + _TIME_HELP)
+_to = click.option("--to", "end", default="now", show_default=True, help="End of the range. " + _TIME_HELP)
+_tz = click.option("--tz", default="UTC", show_default=True,
+                   help="Time zone for output and for times typed without an offset.")
+_granularity = click.option("--granularity", "-g", type=click.Choice(list(storage.GRANULARITIES)),
+                            default="minute", show_default=True, help="Bucket size.")
+
+
+@main.command()
+@click.argument("banner", callback=_banner_id)
+@_from
+@_to
+@_granularity
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@_tz
+def stats(banner, start, end, granularity, fmt, tz):
+    """Clicks of one banner per minute, hour or day (the numbers of the HTTP
+    stats route). A banner with no clicks is not an error: its total is 0.
+
+    \b
+    Examples:
+      counter stats 42 --from -1h
+      counter stats 42 --from 2024-01-01 --to 2024-02-01 -g day --format csv
+    """
+    first, last, zone = _range(start, end, tz)
+    try:
+        query = stats_request.stats_query(banner, {"from": first.isoformat(), "to": last.isoformat(),
+                                                   "granularity": granularity})
+    except stats_request.BadRequest as exc:
+        raise click.UsageError(str(exc))
+    buckets = _query(storage.click_stats, banner, query.start, query.end, granularity)
+    if fmt == "json":
+        click.echo(json.dumps(query.answer(buckets), indent=2))
+    elif fmt == "csv":
+        click.echo("ts,clicks")
+        for ts, clicks in buckets:
+            click.echo(f"{times.show(ts, zone)},{clicks}")
+    else:
+        rows = [(times.show(ts, zone), clicks) for ts, clicks in buckets]
+        click.echo(output.table(["ts", "clicks"], rows))
+        click.echo(f"total {sum(c for _, c in buckets)} clicks of banner {banner}, "
+                   f"{times.show(first, zone)} .. {times.show(last, zone)}")
+
+
+@main.command()
+@_from
+@_to
+@click.option("--banner", "banners", multiple=True, callback=_banner_id,
+              help="Only this banner (repeatable). Default: every banner.")
+@_granularity
+@click.option("--format", "fmt", type=click.Choice(["csv", "ndjson", "json"]), default="csv",
+              show_default=True)
+@click.option("-o", "--output", "path", type=click.Path(dir_okay=False, writable=True),
+              help="Write to FILE (it appears whole or not at all). Default: stdout.")
+@_tz
+def export(start, end, banners, granularity, fmt, path, tz):
+    """Export clicks per banner and bucket, streamed from PostgreSQL (memory
+    stays flat for any size). Shows a progress bar when writing a file from a
+    terminal.
+
+    \b
+    Examples:
+      counter export --from -7d -g hour -o last-week.csv
+      counter export --from 2024-01-01 --to 2024-02-01 --banner 42 --format ndjson | gzip > jan.ndjson.gz
+    """
+    first, last, zone = _range(start, end, tz)
+    url = _database_url(_settings())
+    conn = _connect(url)
+    try:
+        show_bar = path not in (None, "-") and sys.stderr.isatty()
+        total = storage.export_size(conn, first, last, granularity, banners) if show_bar else 0
+        rows = storage.export_rows(conn, first, last, granularity, banners)
+        with output.destination(path) as out:
+            if show_bar:
+                with click.progressbar(length=total, label="exporting", file=sys.stderr) as bar:
+                    written = output.write_rows(rows, fmt, out, zone, on_row=lambda: bar.update(1))
+            else:
+                written = output.write_rows(rows, fmt, out, zone)
+    except storage.DatabaseError as exc:
+        raise click.ClickException(f"database error: {storage.describe_error(exc, url)}")
+    finally:
+        conn.close()
+    if path not in (None, "-"):
+        click.echo(f"wrote {written} rows to {path}", err=True)
+
+
+@main.command()
+@_from
+@_to
+@click.option("--limit", "-n", type=click.IntRange(1, 100_000), default=10, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@_tz
+def top(start, end, limit, fmt, tz):
+    """The most clicked banners of a range.
+
+    \b
+    Examples:
+      counter top --from today
+      counter top --from -1h --limit 50 --format csv
+    """
+    first, last, _ = _range(start, end, tz)
+    rows = _query(storage.top_banners, first, last, limit)
+    if fmt == "json":
+        click.echo(json.dumps([{"banner_id": b, "clicks": c} for b, c in rows], indent=2))
+    elif fmt == "csv":
+        click.echo("banner_id,clicks")
+        for banner, clicks in rows:
+            click.echo(f"{banner},{clicks}")
+    else:
+        click.echo(output.table(["banner_id", "clicks"], rows))

@@ -169,3 +169,55 @@ def click_stats(conn, banner_id: int, start, end, granularity: str):
 def ping(conn) -> None:
     with conn, conn.cursor() as cur:
         cur.execute("SELECT 1")
+
+
+def _range_filter(start, end, granularity, banner_ids):
+    """SQL condition and arguments for the minute rows of the buckets that
+    overlap [start, end), optionally of some banners only."""
+    sql = "ts >= %s AND ts < %s"
+    args = [floor_time(start, granularity), ceil_time(end, granularity)]
+    if banner_ids:
+        sql += " AND banner_id = ANY(%s)"
+        args.append(sorted(set(banner_ids)))
+    return sql, args
+
+
+def export_rows(conn, start, end, granularity, banner_ids=(), batch=20_000):
+    """Yield (banner_id, bucket start, clicks) ordered by banner then time,
+    streamed through a server-side cursor so memory stays flat."""
+    where, args = _range_filter(start, end, granularity, banner_ids)
+    if granularity == "minute":  # rows are already one per (banner, minute)
+        sql = f"SELECT banner_id, ts, count FROM clicks WHERE {where} ORDER BY banner_id, ts"
+    else:
+        sql = (f"SELECT banner_id, date_trunc(%s, ts, 'UTC') AS bucket, sum(count)::bigint"
+               f" FROM clicks WHERE {where} GROUP BY banner_id, bucket ORDER BY banner_id, bucket")
+        args = [granularity] + args
+    with conn:
+        with conn.cursor(name="counter_export") as cur:
+            cur.itersize = batch
+            cur.execute(sql, args)
+            yield from cur
+
+
+def export_size(conn, start, end, granularity, banner_ids=()) -> int:
+    """How many rows export_rows will yield (for a progress bar)."""
+    where, args = _range_filter(start, end, granularity, banner_ids)
+    if granularity == "minute":
+        sql = f"SELECT count(*) FROM clicks WHERE {where}"
+    else:
+        sql = (f"SELECT count(*) FROM (SELECT 1 FROM clicks WHERE {where}"
+               f" GROUP BY banner_id, date_trunc(%s, ts, 'UTC')) AS buckets")
+        args = args + [granularity]
+    with conn, conn.cursor() as cur:
+        cur.execute(sql, args)
+        return cur.fetchone()[0]
+
+
+def top_banners(conn, start, end, limit):
+    """[(banner_id, clicks)] of the most clicked banners in the minutes
+    overlapping [start, end), most clicked first."""
+    where, args = _range_filter(start, end, "minute", ())
+    with conn, conn.cursor() as cur:
+        cur.execute(f"SELECT banner_id, sum(count)::bigint AS clicks FROM clicks WHERE {where}"
+                    " GROUP BY banner_id ORDER BY clicks DESC, banner_id LIMIT %s", args + [limit])
+        return cur.fetchall()

@@ -77,8 +77,8 @@ def query(url, sql, args=()):
     conn = psycopg2.connect(url)
     try:
         with conn, conn.cursor() as cur:
-            cur.execute(sql, args)
-            return cur.fetchall()
+            cur.execute(sql, args or None)  # None: a literal % in the SQL stays as it is
+            return cur.fetchall() if cur.description else []
     finally:
         conn.close()
 

@@ -31,7 +31,7 @@ def env(tmp_path, database_url):
 
 
 def insert(url, rows):
-    query(url, "INSERT INTO clicks (banner_id, ts, count) SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bigint[]) RETURNING 1",
+    query(url, "INSERT INTO clicks (banner_id, ts, count) SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bigint[])",
           ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
 
 

@@ -278,3 +278,88 @@ def top(start, end, limit, fmt, tz):
             click.echo(f"{banner},{clicks}")
     else:
         click.echo(output.table(["banner_id", "clicks"], rows))
+
+
+# -- campaigns ----------------------------------------------------------------------
+
+@main.group()
+def campaigns():
+    """Campaigns and their unique impressions: create, list, stats."""
+
+
+@campaigns.command("create")
+@click.argument("name")
+@click.option("--start", "start", required=True, help="When it starts (in the future). " + _TIME_HELP)
+@_tz
+def campaigns_create(name, start, tz):
+    """Register a campaign; prints its id.
+
+    \b
+    Example:
+      counter campaigns create "Black Friday" --start 2026-11-27T00:00:00Z
+    """
+    from counter import campaigns as campaign_rules
+    import uuid
+
+    zone = times.zone(tz)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    try:
+        start_time = times.parse(start, zone, now)
+        name, start_time = campaign_rules.new_campaign(
+            {"name": name, "start_time": start_time.isoformat()}, now)
+    except (click.BadParameter, stats_request.BadRequest) as exc:
+        raise click.UsageError(str(exc))
+    row = _query(storage.create_campaign, uuid.uuid4(), name, start_time)
+    click.echo(row[0])
+
+
+@campaigns.command("list")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@_tz
+def campaigns_list(fmt, tz):
+    """All campaigns, by start time.
+
+    \b
+    Example:
+      counter campaigns list --format json
+    """
+    zone = times.zone(tz)
+    rows = [(c, n, times.show(s, zone)) for c, n, s in _query(storage.list_campaigns)]
+    if fmt == "json":
+        click.echo(json.dumps([{"id": c, "name": n, "start_time": s} for c, n, s in rows], indent=2))
+    elif fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(["id", "name", "start_time"])
+        writer.writerows(rows)
+    else:
+        click.echo(output.table(["id", "name", "start_time"], rows))
+
+
+@campaigns.command("stats")
+@click.argument("campaign_id")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True)
+def campaigns_stats(campaign_id, fmt):
+    """Unique impressions of a campaign: last hour, last day, total.
+
+    \b
+    Example:
+      counter campaigns stats 0b6c3c9e-5f0e-4f43-9d0c-6a1f6d9b1f10
+    """
+    import uuid
+
+    try:
+        key = uuid.UUID(campaign_id)
+    except ValueError:
+        raise click.BadParameter(f"{campaign_id!r} is not a UUID", param_hint="CAMPAIGN_ID")
+    if _query(storage.get_campaign, key) is None:
+        raise click.ClickException(f"no campaign {campaign_id}")
+    last_hour, last_day, total = _query(storage.campaign_stats, key)
+    answer = {"campaign_id": str(key), "last_hour": last_hour, "last_day": last_day, "total": total}
+    if fmt == "json":
+        click.echo(json.dumps(answer, indent=2))
+    else:
+        click.echo(output.table(["last_hour", "last_day", "total"], [(last_hour, last_day, total)]))

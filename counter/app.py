@@ -6,14 +6,16 @@ Every error, on every route, is rendered by ``_serialize_error`` as
 ``{"error": "...", "code": status}``.
 """
 
+import datetime
 import json
 import logging
 import time
 import urllib.parse
+import uuid
 
 import falcon
 
-from counter import health, stats_request, storage
+from counter import campaigns, health, impressions, stats_request, storage
 
 log = logging.getLogger("counter.app")
 
@@ -121,6 +123,106 @@ class StatsResource:
         resp.media = query.answer(buckets)
 
 
+def _json_body(req):
+    try:
+        return stats_request.parse_json(read_body(req))
+    except stats_request.BadRequest as exc:
+        raise _error(falcon.HTTPBadRequest, str(exc))
+
+
+def _database_unavailable(database, exc):
+    log.warning("database error: %s", database.describe(exc))
+    return _error(falcon.HTTPServiceUnavailable, "the database is unavailable", retry_after=5)
+
+
+def _campaign_id(text):
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise _error(falcon.HTTPNotFound, f"no campaign {text[:64]!r}")
+
+
+class CampaignsResource:
+    def __init__(self, database, cache):
+        self._database = database
+        self._cache = cache
+
+    def on_post(self, req, resp):
+        try:
+            name, start = campaigns.new_campaign(_json_body(req), datetime.datetime.now(datetime.timezone.utc))
+        except campaigns.BadRequest as exc:
+            raise _error(falcon.HTTPBadRequest, str(exc))
+        try:
+            row = self._database.run(storage.create_campaign, uuid.uuid4(), name, start)
+        except storage.DatabaseError as exc:
+            raise _database_unavailable(self._database, exc)
+        self._cache.remember(uuid.UUID(row[0]), row[2])
+        resp.status = falcon.HTTP_201
+        resp.media = campaigns.describe(row)
+
+
+class CampaignResource:
+    def __init__(self, database):
+        self._database = database
+
+    def on_get(self, req, resp, campaign_id):
+        try:
+            row = self._database.run(storage.get_campaign, _campaign_id(campaign_id))
+        except storage.DatabaseError as exc:
+            raise _database_unavailable(self._database, exc)
+        if row is None:
+            raise _error(falcon.HTTPNotFound, f"no campaign {campaign_id}")
+        resp.media = campaigns.describe(row)
+
+
+class CampaignStatsResource:
+    def __init__(self, database):
+        self._database = database
+
+    def on_get(self, req, resp, campaign_id):
+        key = _campaign_id(campaign_id)
+        try:
+            if self._database.run(storage.get_campaign, key) is None:
+                raise _error(falcon.HTTPNotFound, f"no campaign {campaign_id}")
+            last_hour, last_day, total = self._database.run(storage.campaign_stats, key)
+        except storage.DatabaseError as exc:
+            raise _database_unavailable(self._database, exc)
+        resp.media = {"campaign_id": str(key), "last_hour": last_hour, "last_day": last_day,
+                      "total": total}
+
+
+class ImpressionResource:
+    """Appends one impression to this worker's log: no database per request
+    (the campaign comes from the cache, the hash key is loaded once)."""
+
+    def __init__(self, log, cache, database, key=None):
+        self._append = log.append
+        self._cache = cache
+        self._database = database
+        self._key = key
+
+    def on_post(self, req, resp):
+        try:
+            campaign_id, user_id = campaigns.impression(_json_body(req))
+        except campaigns.BadRequest as exc:
+            raise _error(falcon.HTTPBadRequest, str(exc))
+        try:
+            start = self._cache.start_time(campaign_id)
+            if self._key is None:
+                self._key = self._database.run(storage.user_hash_key)
+        except storage.DatabaseError as exc:
+            raise _database_unavailable(self._database, exc)
+        if start is None:
+            raise _error(falcon.HTTPNotFound, f"no campaign {campaign_id}")
+        if start > datetime.datetime.now(datetime.timezone.utc):
+            raise _error(falcon.HTTPConflict,
+                         f"campaign {campaign_id} starts at {stats_request.format_time(start)}")
+        if not self._append(campaign_id, impressions.user_hash(self._key, user_id)):
+            raise _error(falcon.HTTPServiceUnavailable, "impression memory is full; retry shortly",
+                         retry_after=RETRY_AFTER)
+        resp.status = falcon.HTTP_202
+
+
 class HealthResource:
     def __init__(self, database, shm_dir):
         self._database = database
@@ -137,7 +239,8 @@ class HeartbeatResource:
         resp.media = {"status": "ok"}
 
 
-def create_app(settings, clicks, database) -> falcon.App:
+def create_app(settings, clicks, database, views=None) -> falcon.App:
+    """views: the worker's ImpressionLog (one is made in settings.shm_dir if not given)."""
     app = falcon.App(media_type=falcon.MEDIA_JSON)
     app.req_options.strip_url_path_trailing_slash = False
     app.set_error_serializer(_serialize_error)
@@ -152,6 +255,15 @@ def create_app(settings, clicks, database) -> falcon.App:
     for prefix in ("/counter", "/v1/banners/counter", "/stats", "/v1/banners/stats"):
         app.add_route(prefix, missing)
         app.add_route(prefix + "/", missing)
+    if views is None:
+        views = impressions.ImpressionLog(settings.shm_dir, settings.impression_slots,
+                                          settings.shm_max_bytes)
+    cache = campaigns.CampaignCache(database)
+    app.add_route("/api/v1/campaigns", CampaignsResource(database, cache))
+    app.add_route("/api/v1/campaigns/{campaign_id}", CampaignResource(database))
+    app.add_route("/api/v1/campaigns/{campaign_id}/stats", CampaignStatsResource(database))
+    app.add_route("/api/v1/impressions",
+                  ImpressionResource(views, cache, database, settings.user_hash_key))
     app.add_route("/health", HealthResource(database, settings.shm_dir))
     app.add_route("/v1/healthcheck", HeartbeatResource())
     return app

@@ -30,6 +30,9 @@ class Settings:
     worker_class: str
     graceful_timeout: float
     log_level: str
+    dedup_ttl: float
+    impression_slots: int
+    user_hash_key: Optional[bytes]
 
     @property
     def port(self) -> int:
@@ -49,6 +52,9 @@ DOCUMENTED = {
     "WORKER_CLASS": ("auto", "gunicorn worker class; auto = meinheld when importable"),
     "GRACEFUL_TIMEOUT": ("30", "seconds SIGTERM waits for workers and the final flush"),
     "LOG_LEVEL": ("info", "debug, info, warning or error"),
+    "DEDUP_TTL": ("3600", "seconds a user's impression of a campaign is counted once"),
+    "IMPRESSION_SLOTS": ("65536", "impressions one worker log holds before it rolls over (40 bytes each)"),
+    "USER_HASH_KEY": ("(unset)", "hex key for hashing user ids; unset: one is made and kept in the database"),
 }
 
 _BIND = re.compile(r"^(?P<host>[^\s:]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
@@ -100,6 +106,15 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
             f"({segment.file_size(slots)} bytes)"
         )
 
+    key = env.get("USER_HASH_KEY", "").strip() or None
+    if key is not None:
+        try:
+            key = bytes.fromhex(key)
+        except ValueError:
+            raise ConfigError("USER_HASH_KEY must be hexadecimal (e.g. from `openssl rand -hex 32`)")
+        if len(key) < 16:
+            raise ConfigError("USER_HASH_KEY must be at least 16 bytes (32 hex digits)")
+
     return Settings(
         database_url=database_url,
         flush_interval=_number(env, "FLUSH_INTERVAL", 1.0, float, 0.05, 3600),
@@ -112,4 +127,7 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
         worker_class=env.get("WORKER_CLASS", "").strip() or "auto",
         graceful_timeout=_number(env, "GRACEFUL_TIMEOUT", 30.0, float, 1, 3600),
         log_level=level,
+        dedup_ttl=_number(env, "DEDUP_TTL", 3600.0, float, 1, 366 * 86400),
+        impression_slots=_number(env, "IMPRESSION_SLOTS", 65536, int, 16, 1 << 24),
+        user_hash_key=key,
     )

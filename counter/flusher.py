@@ -25,7 +25,7 @@ import random
 import signal
 import time
 
-from counter import segment, storage
+from counter import impressions, segment, storage
 
 log = logging.getLogger("counter.flusher")
 
@@ -35,9 +35,10 @@ STALE_TEMPORARY = 60.0  # seconds; a half-made segment file older than this is a
 
 
 class Flusher:
-    def __init__(self, shm_dir, database_url, *, fault=None):
+    def __init__(self, shm_dir, database_url, *, dedup_ttl=3600.0, fault=None):
         self.shm_dir = str(shm_dir)
         self.database_url = database_url
+        self.dedup_ttl = dedup_ttl
         self.segments = {}  # path -> SegmentFile
         self.retired_ids = []  # sequence rows to delete in the next transaction
         self._conn = None
@@ -54,11 +55,11 @@ class Flusher:
         try:
             self._settle(conn)
             finished = {s.path for s in self.segments.values() if s.finished()}
-            rows, seqs, staged = self._stage()
+            rows, views, seqs, staged = self._stage()
             retired = list(self.retired_ids)
-            if rows or retired:
+            if rows or views or retired:
                 self._fault("before_commit")
-                storage.write_flush(conn, rows, seqs, retired)
+                storage.write_flush(conn, rows, seqs, retired, views, self.dedup_ttl)
                 self._fault("after_commit")
                 for seg in staged:
                     seg.commit_pending()
@@ -70,6 +71,7 @@ class Flusher:
         return {
             "rows": len(rows),
             "clicks": sum(rows.values()),
+            "impressions": len(views),
             "segments": len(self.segments),
             "retired": removed,
         }
@@ -89,15 +91,19 @@ class Flusher:
 
     def _stage(self):
         rows = collections.defaultdict(int)
-        seqs, staged = {}, []
+        views, seqs, staged = [], {}, []
         for seg in self.segments.values():
-            deltas = seg.stage()
-            if deltas:
-                staged.append(seg)
-                seqs[seg.id] = seg.words[segment.PENDING_SEQ]
-                for banner_id, delta in deltas.items():
+            staged_data = seg.stage()
+            if not staged_data:
+                continue
+            staged.append(seg)
+            seqs[seg.id] = seg.words[segment.PENDING_SEQ]
+            if isinstance(seg, impressions.ImpressionLogFile):
+                views.extend(staged_data)
+            else:
+                for banner_id, delta in staged_data.items():
                     rows[banner_id, seg.minute] += delta
-        return rows, seqs, staged
+        return rows, views, seqs, staged
 
     def _retire(self, finished) -> int:
         """Remove segments that can take no more clicks and are fully flushed.
@@ -116,12 +122,14 @@ class Flusher:
 
     def _refresh(self):
         """Open segment files that appeared; clean abandoned temporary files."""
-        for path in segment.list_segments(self.shm_dir):
-            if path not in self.segments:
-                try:
-                    self.segments[path] = segment.SegmentFile(path)
-                except (ValueError, OSError) as exc:
-                    log.error("unreadable segment path=%s error=%s", path, exc)
+        for kind, opener in ((segment.CLICKS, segment.SegmentFile),
+                             (impressions.IMPRESSIONS, impressions.ImpressionLogFile)):
+            for path in segment.list_segments(self.shm_dir, kind.suffix):
+                if path not in self.segments:
+                    try:
+                        self.segments[path] = opener(path)
+                    except (ValueError, OSError) as exc:
+                        log.error("unreadable segment path=%s error=%s", path, exc)
         now = time.time()
         for name in os.listdir(self.shm_dir):
             if name.endswith(".tmp"):
@@ -302,7 +310,7 @@ def main(settings, parent_pid=None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     os.makedirs(settings.shm_dir, mode=0o700, exist_ok=True)
     flusher = Flusher(
-        settings.shm_dir, settings.database_url,
+        settings.shm_dir, settings.database_url, dedup_ttl=settings.dedup_ttl,
         fault=fault_from_env(os.environ.get("COUNTER_TEST_FAULT")),
     )
     log.info("flusher started pid=%d shm_dir=%s interval=%.2fs",

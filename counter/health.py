@@ -2,16 +2,16 @@
 
 import os
 
-from counter import segment, storage
+from counter import impressions, segment, storage
 from counter.flusher import StatusFile
 
 
-def pending_clicks(shm_dir) -> int:
-    """Clicks counted in shared memory and not yet in the database."""
+def pending(shm_dir, kind=segment.CLICKS, opener=segment.SegmentFile) -> int:
+    """Clicks (or impressions) in shared memory and not yet in the database."""
     total = 0
-    for path in segment.list_segments(shm_dir):
+    for path in segment.list_segments(shm_dir, kind.suffix):
         try:
-            seg = segment.SegmentFile(path)
+            seg = opener(path)
         except (OSError, ValueError):  # retired while we looked
             continue
         try:
@@ -45,5 +45,7 @@ def report(database, shm_dir, now: float) -> dict:
         "status": "ok" if healthy else "degraded",
         "database": db,
         "flusher": flusher,
-        "pending_clicks": pending_clicks(shm_dir) if os.path.isdir(shm_dir) else 0,
+        "pending_clicks": pending(shm_dir) if os.path.isdir(shm_dir) else 0,
+        "pending_impressions": pending(shm_dir, impressions.IMPRESSIONS, impressions.ImpressionLogFile)
+        if os.path.isdir(shm_dir) else 0,
     }

@@ -26,15 +26,22 @@ All values are aligned 8-byte words written through ``memoryview.cast('q')``,
 so a reader sees either the old or the new value, never a torn one.
 """
 
+import collections
 import mmap
 import os
 import secrets
 import time
 
-MAGIC = 0x31474553_4B434C43  # "CLCKSEG1" in little-endian bytes
 HEADER_WORDS = 16
-RECORD_WORDS = 4
-SUFFIX = ".seg"
+
+# A kind of segment file: its magic number, file suffix and record size.
+Kind = collections.namedtuple("Kind", "magic suffix record_words")
+CLICKS = Kind(0x31474553_4B434C43, ".seg", 4)  # "CLCKSEG1" in little-endian bytes
+SUFFIXES = (CLICKS.suffix, ".imp")  # every kind's suffix (impressions.py adds the second)
+
+MAGIC = CLICKS.magic
+RECORD_WORDS = CLICKS.record_words
+SUFFIX = CLICKS.suffix
 
 # header words
 OWNER_PID, OWNER_START, MINUTE, CAPACITY, USED, SEALED = 1, 2, 3, 4, 5, 6
@@ -43,8 +50,8 @@ FLUSHED_SEQ, PENDING_SEQ, PENDING_USED = 7, 8, 9
 BANNER, COUNT, FLUSHED, PENDING = 0, 1, 2, 3
 
 
-def file_size(slots: int) -> int:
-    return 8 * (HEADER_WORDS + RECORD_WORDS * slots)
+def file_size(slots: int, record_words: int = RECORD_WORDS) -> int:
+    return 8 * (HEADER_WORDS + record_words * slots)
 
 
 def process_start_time(pid: int):
@@ -69,7 +76,7 @@ def segment_bytes(directory) -> int:
     total = 0
     with os.scandir(directory) as entries:
         for entry in entries:
-            if entry.name.endswith(SUFFIX):
+            if entry.name.endswith(SUFFIXES):
                 try:
                     total += entry.stat().st_size
                 except FileNotFoundError:  # retired meanwhile
@@ -77,16 +84,17 @@ def segment_bytes(directory) -> int:
     return total
 
 
-def create(directory, minute: int, slots: int):
+def create(directory, minute: int, slots: int, kind: Kind = CLICKS):
     """Create, initialise and publish a segment file; return (path, mmap)."""
     pid = os.getpid()
     name = f"{minute}-{pid}-{secrets.token_hex(8)}"
-    final = os.path.join(directory, name + SUFFIX)
+    final = os.path.join(directory, name + kind.suffix)
     temporary = os.path.join(directory, "." + name + ".tmp")
+    size = file_size(slots, kind.record_words)
     fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, file_size(slots))
-        mapping = mmap.mmap(fd, file_size(slots))
+        os.ftruncate(fd, size)
+        mapping = mmap.mmap(fd, size)
     finally:
         os.close(fd)
     words = memoryview(mapping).cast("q")
@@ -94,7 +102,7 @@ def create(directory, minute: int, slots: int):
     words[OWNER_START] = process_start_time(pid)
     words[MINUTE] = minute
     words[CAPACITY] = slots
-    words[0] = MAGIC
+    words[0] = kind.magic
     words.release()
     os.rename(temporary, final)
     return final, mapping
@@ -180,21 +188,24 @@ class SegmentWriter:
         self._minute_start = self._minute_end = 0.0
 
 
-class SegmentFile:
-    """The flusher side of one segment: reads the worker's fields, writes its own."""
+class MappedSegment:
+    """The flusher side of a segment file of any kind: the owner's fields are
+    read, the flusher's own written. Subclasses say how to stage and confirm."""
+
+    kind = CLICKS
 
     def __init__(self, path):
         self.path = path
-        self.id = os.path.basename(path)[: -len(SUFFIX)]
+        self.id = os.path.basename(path)[: -len(self.kind.suffix)]
         fd = os.open(path, os.O_RDWR)
         try:
             self._mapping = mmap.mmap(fd, 0)
         finally:
             os.close(fd)
         self.words = memoryview(self._mapping).cast("q")
-        if len(self.words) < HEADER_WORDS or self.words[0] != MAGIC:
+        if len(self.words) < HEADER_WORDS or self.words[0] != self.kind.magic:
             self.close()
-            raise ValueError(f"{path} is not a click-counter segment")
+            raise ValueError(f"{path} is not a click-counter {self.kind.suffix} segment")
         self.minute = self.words[MINUTE]
 
     def close(self):
@@ -202,7 +213,7 @@ class SegmentFile:
         self._mapping.close()
 
     def finished(self) -> bool:
-        """True once no more clicks can arrive: sealed, or its owner is gone."""
+        """True once nothing more can arrive: sealed, or its owner is gone."""
         return bool(self.words[SEALED]) or not owner_alive(
             self.words[OWNER_PID], self.words[OWNER_START]
         )
@@ -210,6 +221,14 @@ class SegmentFile:
     @property
     def settled(self) -> bool:
         return self.words[PENDING_SEQ] == self.words[FLUSHED_SEQ]
+
+    def discard_pending(self):
+        """The pending values never reached the database: forget them."""
+        self.words[PENDING_SEQ] = self.words[FLUSHED_SEQ]
+
+
+class SegmentFile(MappedSegment):
+    """The flusher side of a click segment."""
 
     def stage(self):
         """Record every record's current count as pending; return the deltas.
@@ -241,10 +260,6 @@ class SegmentFile:
             w[first + FLUSHED] = w[first + PENDING]
         w[FLUSHED_SEQ] = w[PENDING_SEQ]
 
-    def discard_pending(self):
-        """The pending values never reached the database: forget them."""
-        self.words[PENDING_SEQ] = self.words[FLUSHED_SEQ]
-
     def unflushed(self) -> int:
         """Clicks counted here and not yet flushed (for health and the final drain)."""
         w = self.words
@@ -254,8 +269,8 @@ class SegmentFile:
         )
 
 
-def list_segments(directory):
-    """Paths of the published segment files of a directory, oldest minute first."""
-    names = [n for n in os.listdir(directory) if n.endswith(SUFFIX)]
+def list_segments(directory, suffix=SUFFIX):
+    """Paths of the published segment files of a kind, oldest minute first."""
+    names = [n for n in os.listdir(directory) if n.endswith(suffix)]
     names.sort(key=lambda n: (int(n.split("-", 1)[0]), n))
     return [os.path.join(directory, n) for n in names]

@@ -75,6 +75,7 @@ def seal_worker_segment():
     wsgi = sys.modules.get("counter.wsgi")
     if wsgi is not None:
         wsgi.clicks.close()
+        wsgi.views.close()
 
 
 def shutdown(settings):

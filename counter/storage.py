@@ -88,11 +88,13 @@ def _array(values) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
-def write_flush(conn, rows, segment_seqs, retired=()):
-    """The flush transaction: add click deltas and record segment sequences.
+def write_flush(conn, rows, segment_seqs, retired=(), impressions=(), dedup_ttl=3600.0):
+    """The flush transaction: add click deltas, count unique impressions, and
+    record segment sequences -- all or nothing.
 
     rows: {(banner_id, minute): delta}; segment_seqs: {segment_id: seq};
-    retired: ids of removed segments whose sequence rows may go.
+    retired: ids of removed segments whose sequence rows may go;
+    impressions: [(impression id, campaign UUID, user hash, time in µs)].
     Keys are written in a fixed order, so concurrent flushers of several
     nodes never deadlock on each other's rows.
     """
@@ -111,6 +113,8 @@ def write_flush(conn, rows, segment_seqs, retired=()):
                     _array(rows[k] for k in keys),
                 ),
             )
+        if impressions:
+            _count_unique_impressions(cur, impressions, dedup_ttl)
         if segments:
             cur.execute(
                 "INSERT INTO segment_flushes (segment_id, seq)"
@@ -122,6 +126,63 @@ def write_flush(conn, rows, segment_seqs, retired=()):
             cur.execute(
                 "DELETE FROM segment_flushes WHERE segment_id = ANY(%s)", (sorted(retired),)
             )
+
+
+def _count_unique_impressions(cur, impressions, ttl):
+    """Apply the dedup window rule to a batch and add the counted impressions
+    to campaign_impressions.
+
+    Rule: a user's impression of a campaign counts when it opens a window, i.e.
+    when there is no window yet or it is at least `ttl` seconds after the
+    current window's start; it then becomes the window's start. The upsert
+    locks each (campaign, user) row until commit, so flushers of other nodes
+    wait for it and the rule holds across nodes. A statement may touch a row
+    only once, so the batch goes in rounds: each round takes, per user, the
+    earliest impression not yet decided, and the answer tells which of the
+    user's later impressions the resulting window covers.
+    """
+    queues = {}
+    for impression_id, campaign, user, micros in sorted(impressions, key=lambda r: r[3]):
+        queues.setdefault((str(campaign), bytes(user)), []).append((micros, impression_id))
+    ttl_micros = int(ttl * 1_000_000)
+    counted = {}
+    while queues:
+        keys = sorted(queues)
+        firsts = [queues[k][0] for k in keys]
+        cur.execute(
+            "INSERT INTO impression_windows AS w (campaign_id, user_hash, window_start, opened_by)"
+            " SELECT c, u, timestamptz 'epoch' + t * interval '1 microsecond', i"
+            " FROM unnest(%s::uuid[], %s::bytea[], %s::bigint[], %s::bigint[]) AS x(c, u, t, i)"
+            " ON CONFLICT (campaign_id, user_hash) DO UPDATE SET"
+            "  window_start = CASE WHEN EXCLUDED.window_start >= w.window_start + %s * interval '1 microsecond'"
+            "   THEN EXCLUDED.window_start ELSE w.window_start END,"
+            "  opened_by = CASE WHEN EXCLUDED.window_start >= w.window_start + %s * interval '1 microsecond'"
+            "   THEN EXCLUDED.opened_by ELSE w.opened_by END"
+            " RETURNING campaign_id::text, user_hash,"
+            "  (extract(epoch FROM window_start) * 1000000)::bigint, opened_by",
+            ([k[0] for k in keys], [psycopg2.Binary(k[1]) for k in keys],
+             [f[0] for f in firsts], [f[1] for f in firsts], ttl_micros, ttl_micros),
+        )
+        for campaign, user, window_start, opened_by in cur.fetchall():
+            key = (campaign, bytes(user))
+            micros, impression_id = queues[key][0]
+            if opened_by == impression_id:
+                minute = micros // 60_000_000
+                counted[campaign, minute] = counted.get((campaign, minute), 0) + 1
+            # everything of this user inside the window is decided: not counted
+            rest = [q for q in queues[key][1:] if q[0] >= window_start + ttl_micros]
+            if rest:
+                queues[key] = rest
+            else:
+                del queues[key]
+    if counted:
+        keys = sorted(counted)
+        cur.execute(
+            "INSERT INTO campaign_impressions (campaign_id, ts, count)"
+            " SELECT c, to_timestamp(m * 60), n FROM unnest(%s::uuid[], %s::bigint[], %s::bigint[]) AS x(c, m, n)"
+            " ON CONFLICT (campaign_id, ts) DO UPDATE SET count = campaign_impressions.count + EXCLUDED.count",
+            ([k[0] for k in keys], [k[1] for k in keys], [counted[k] for k in keys]),
+        )
 
 
 def committed_seqs(conn, segment_ids) -> dict:
@@ -221,3 +282,49 @@ def top_banners(conn, start, end, limit):
         cur.execute(f"SELECT banner_id, sum(count)::bigint AS clicks FROM clicks WHERE {where}"
                     " GROUP BY banner_id ORDER BY clicks DESC, banner_id LIMIT %s", args + [limit])
         return cur.fetchall()
+
+
+# -- campaigns ---------------------------------------------------------------------
+
+def create_campaign(conn, campaign_id, name, start_time):
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO campaigns (id, name, start_time) VALUES (%s, %s, %s)"
+                    " RETURNING id::text, name, start_time", (str(campaign_id), name, start_time))
+        return cur.fetchone()
+
+
+def get_campaign(conn, campaign_id):
+    """(id, name, start_time) or None."""
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT id::text, name, start_time FROM campaigns WHERE id = %s", (str(campaign_id),))
+        return cur.fetchone()
+
+
+def list_campaigns(conn):
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT id::text, name, start_time FROM campaigns ORDER BY start_time, id")
+        return cur.fetchall()
+
+
+def campaign_stats(conn, campaign_id):
+    """(last_hour, last_day, total) unique impressions: the current minute and
+    the 59 (1439) minutes before it, and everything."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT coalesce(sum(count) FILTER (WHERE ts >= date_trunc('minute', now()) - interval '59 minutes'), 0)::bigint,"
+            " coalesce(sum(count) FILTER (WHERE ts >= date_trunc('minute', now()) - interval '1439 minutes'), 0)::bigint,"
+            " coalesce(sum(count), 0)::bigint FROM campaign_impressions WHERE campaign_id = %s",
+            (str(campaign_id),))
+        return cur.fetchone()
+
+
+def user_hash_key(conn) -> bytes:
+    """The key for hashing user ids: made once, kept in the database, so every
+    node and restart hashes a user the same way."""
+    import secrets
+
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO service_secrets (name, value) VALUES ('user_hash_key', %s)"
+                    " ON CONFLICT (name) DO NOTHING", (psycopg2.Binary(secrets.token_bytes(32)),))
+        cur.execute("SELECT value FROM service_secrets WHERE name = 'user_hash_key'")
+        return bytes(cur.fetchone()[0])

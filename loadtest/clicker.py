@@ -52,18 +52,21 @@ def _host_port(base_url):
     return parts.hostname, parts.port or 80
 
 
-def _worker(base_url, path, clicks, deadline, tally):
+def _worker(base_url, requests, deadline, tally):
+    """Send (key, method, path, body) requests one after another on a
+    keep-alive connection; tally the 2xx answers by key."""
     host, port = _host_port(base_url)
     mine = Tally()
     conn = None
-    for banner in clicks:
+    headers = {"Content-Type": "application/json"}
+    for banner, method, path, body in requests:
         if time.monotonic() > deadline:
             break
         if conn is None:
             conn = http.client.HTTPConnection(host, port, timeout=10)
         sent = time.time()
         try:
-            conn.request("GET", path.format(banner))
+            conn.request(method, path, body=body, headers=headers if body else {})
             response = conn.getresponse()
             response.read()
         except (OSError, http.client.HTTPException):
@@ -91,12 +94,33 @@ def _worker(base_url, path, clicks, deadline, tally):
 def drive(base_url, total, banners=200, connections=16, seconds=120.0,
           path="/counter/{}", first_banner=1, tally=None):
     """Send up to `total` clicks within `seconds`; return the Tally."""
+    # banner ids cycle so that every banner gets clicks on every connection
+    plan = []
+    for i in range(total):
+        banner = first_banner + i % banners
+        plan.append((banner, "GET", path.format(banner), None))
+    return send(base_url, plan, connections, seconds, tally)
+
+
+def drive_impressions(base_url, campaign_id, users, repeats=1, connections=16, seconds=120.0,
+                      tally=None):
+    """Each of `users` user ids sees the campaign `repeats` times (the repeats
+    spread over different connections); the tally is keyed by user id."""
+    plan = []
+    for r in range(repeats):
+        for user in users:
+            body = json.dumps({"campaign_id": str(campaign_id), "user_id": user, "ad_id": "ad-1"})
+            plan.append((user, "POST", "/api/v1/impressions", body))
+    return send(base_url, plan, connections, seconds, tally)
+
+
+def send(base_url, plan, connections=16, seconds=120.0, tally=None):
+    """Spread (key, method, path, body) requests over `connections` threads,
+    within `seconds`; return the Tally."""
     tally = tally or Tally()
     deadline = time.monotonic() + seconds
-    # banner ids cycle so that every banner gets clicks on every connection
-    plan = [first_banner + i % banners for i in range(total)]
     threads = [
-        threading.Thread(target=_worker, args=(base_url, path, plan[i::connections], deadline, tally))
+        threading.Thread(target=_worker, args=(base_url, plan[i::connections], deadline, tally))
         for i in range(connections)
     ]
     for thread in threads:

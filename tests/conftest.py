@@ -5,6 +5,7 @@ databases), otherwise one embedded server (the pgserver wheel's binaries)
 for the whole session. Each test gets a database of its own.
 """
 
+import json
 import os
 import pathlib
 import shutil
@@ -197,6 +198,15 @@ class Service:
     def get(self, path):
         try:
             with urllib.request.urlopen(self.url + path, timeout=5) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+
+    def post(self, path, payload):
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as r:
                 return r.status, r.read()
         except urllib.error.HTTPError as e:
             return e.code, e.read()

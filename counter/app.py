@@ -224,12 +224,11 @@ class ImpressionResource:
 
 
 class HealthResource:
-    def __init__(self, database, shm_dir):
-        self._database = database
+    def __init__(self, shm_dir):
         self._shm_dir = shm_dir
 
     def on_get(self, req, resp):
-        resp.media = health.report(self._database, self._shm_dir, time.time())
+        resp.media = health.report(self._shm_dir, time.time())
 
 
 class HeartbeatResource:
@@ -264,6 +263,6 @@ def create_app(settings, clicks, database, views=None) -> falcon.App:
     app.add_route("/api/v1/campaigns/{campaign_id}/stats", CampaignStatsResource(database))
     app.add_route("/api/v1/impressions",
                   ImpressionResource(views, cache, database, settings.user_hash_key))
-    app.add_route("/health", HealthResource(database, settings.shm_dir))
+    app.add_route("/health", HealthResource(settings.shm_dir))
     app.add_route("/v1/healthcheck", HeartbeatResource())
     return app

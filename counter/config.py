@@ -47,13 +47,13 @@ DOCUMENTED = {
     "BIND": ("127.0.0.1:8000", "host:port the service listens on"),
     "DATA_DIR": ("~/.local/share/click-counter", "embedded PostgreSQL data lives here"),
     "SHM_DIR": ("/dev/shm/click-counter-<port>", "segment files (tmpfs); one directory per node"),
-    "SEGMENT_SLOTS": ("65536", "distinct banners one worker segment holds (32 bytes each)"),
+    "SEGMENT_SLOTS": ("16384", "distinct banners one worker segment holds (32 bytes each)"),
     "SHM_MAX_BYTES": ("268435456", "cap on all segment files; past it new banners get 503"),
     "WORKER_CLASS": ("auto", "gunicorn worker class; auto = meinheld when importable"),
     "GRACEFUL_TIMEOUT": ("30", "seconds SIGTERM waits for workers and the final flush"),
     "LOG_LEVEL": ("info", "debug, info, warning or error"),
     "DEDUP_TTL": ("3600", "seconds a user's impression of a campaign is counted once"),
-    "IMPRESSION_SLOTS": ("65536", "impressions one worker log holds before it rolls over (40 bytes each)"),
+    "IMPRESSION_SLOTS": ("16384", "impressions one worker log holds before it rolls over (40 bytes each)"),
     "USER_HASH_KEY": ("(unset)", "hex key for hashing user ids; unset: one is made and kept in the database"),
 }
 
@@ -98,12 +98,18 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
         env.get("SHM_DIR", "").strip() or f"/dev/shm/click-counter-{match['port']}"
     ).expanduser().absolute()
 
-    slots = _number(env, "SEGMENT_SLOTS", 65536, int, 16, 1 << 24)
+    workers = _number(env, "WORKERS", os.cpu_count() or 1, int, 1, 1024)
+    slots = _number(env, "SEGMENT_SLOTS", 16384, int, 16, 1 << 24)
+    impression_slots = _number(env, "IMPRESSION_SLOTS", 16384, int, 16, 1 << 24)
     max_bytes = _number(env, "SHM_MAX_BYTES", 256 << 20, int, 1 << 20)
-    if segment.file_size(slots) > max_bytes:
+    # At a minute change every worker briefly holds two click segments (the
+    # sealed one until it is flushed) and may hold two impression logs.
+    per_worker = 2 * (segment.file_size(slots) + segment.file_size(impression_slots, 5))
+    if workers * per_worker > max_bytes:
         raise ConfigError(
-            f"SHM_MAX_BYTES={max_bytes} cannot hold even one segment of SEGMENT_SLOTS={slots} "
-            f"({segment.file_size(slots)} bytes)"
+            f"SHM_MAX_BYTES={max_bytes} is too small for WORKERS={workers}: each worker needs "
+            f"{per_worker} bytes (two segments of SEGMENT_SLOTS={slots} and two logs of "
+            f"IMPRESSION_SLOTS={impression_slots}); raise SHM_MAX_BYTES or lower the others"
         )
 
     key = env.get("USER_HASH_KEY", "").strip() or None
@@ -118,7 +124,7 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
     return Settings(
         database_url=database_url,
         flush_interval=_number(env, "FLUSH_INTERVAL", 1.0, float, 0.05, 3600),
-        workers=_number(env, "WORKERS", os.cpu_count() or 1, int, 1, 1024),
+        workers=workers,
         bind=bind,
         data_dir=data_dir,
         shm_dir=shm_dir,
@@ -128,6 +134,6 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
         graceful_timeout=_number(env, "GRACEFUL_TIMEOUT", 30.0, float, 1, 3600),
         log_level=level,
         dedup_ttl=_number(env, "DEDUP_TTL", 3600.0, float, 1, 366 * 86400),
-        impression_slots=_number(env, "IMPRESSION_SLOTS", 65536, int, 16, 1 << 24),
+        impression_slots=impression_slots,
         user_hash_key=key,
     )

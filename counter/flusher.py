@@ -41,6 +41,8 @@ class Flusher:
         self.dedup_ttl = dedup_ttl
         self.segments = {}  # path -> SegmentFile
         self.retired_ids = []  # sequence rows to delete in the next transaction
+        self._registered = set()  # segment ids whose sequence row exists
+        self._migrated = False
         self._conn = None
         # A fault-injection hook for the crash tests: fault("before_commit") etc.
         self._fault = fault or (lambda point: None)
@@ -53,6 +55,7 @@ class Flusher:
         self._refresh()
         conn = self._connection()
         try:
+            self._register(conn)
             self._settle(conn)
             finished = {s.path for s in self.segments.values() if s.finished()}
             rows, views, seqs, staged = self._stage()
@@ -74,12 +77,26 @@ class Flusher:
             "impressions": len(views),
             "segments": len(self.segments),
             "retired": removed,
+            "live_segments": len(self.segments) - (len(finished) - removed),
         }
+
+    def _register(self, conn):
+        """Give every new segment its sequence row (seq 0) in a transaction of
+        its own, before anything of it is flushed: the flush transaction then
+        updates an existing row, holding its lock until the commit is done --
+        which is what lets _settle wait for a commit still in flight."""
+        new = [s.id for s in self.segments.values() if s.id not in self._registered]
+        if new:
+            storage.register_segments(conn, new)
+            self._registered.update(new)
 
     def _settle(self, conn):
         unsettled = [s for s in self.segments.values() if not s.settled]
         if not unsettled:
             return
+        # FOR UPDATE: if our previous connection's COMMIT is still being
+        # processed by the server, this waits for it instead of reading the
+        # old sequence and dropping values that are about to be committed.
         committed = storage.committed_seqs(conn, [s.id for s in unsettled])
         for seg in unsettled:
             if committed.get(seg.id, -1) >= seg.words[segment.PENDING_SEQ]:
@@ -112,11 +129,14 @@ class Flusher:
         for path in finished:
             seg = self.segments[path]
             if seg.settled and seg.unflushed() == 0:
-                if seg.words[segment.FLUSHED_SEQ]:
-                    self.retired_ids.append(seg.id)
+                self.retired_ids.append(seg.id)
+                self._registered.discard(seg.id)
                 seg.close()
-                os.unlink(path)
                 del self.segments[path]
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
                 removed += 1
         return removed
 
@@ -147,7 +167,14 @@ class Flusher:
 
     def _connection(self):
         if self._conn is None or self._conn.closed:
-            self._conn = storage.connect(self.database_url, "click-counter-flusher")
+            conn = storage.connect(self.database_url, "click-counter-flusher")
+            if not self._migrated:
+                # the schema may not have been there when the service started
+                applied = storage.migrate(conn)
+                if applied:
+                    log.info("applied migrations: %s", ", ".join(applied))
+                self._migrated = True
+            self._conn = conn
         return self._conn
 
     def _drop_connection(self):
@@ -167,8 +194,9 @@ class Flusher:
     # -- the loop ------------------------------------------------------------
 
     def run(self, stop: "StopSignal", interval: float, max_backoff=10.0):
-        """Flush every `interval` seconds until `stop` is set, then flush once
-        more; True if that final flush succeeded."""
+        """Flush every `interval` seconds until `stop` is set; then keep
+        flushing until no segment has a live owner (or the stop deadline
+        passes). True if it ended with everything flushed."""
         lock = self._lock(stop)
         if lock is None:
             return False
@@ -178,34 +206,57 @@ class Flusher:
             while True:
                 started = time.monotonic()
                 stopping = stop.is_set()
+                if not self._lock_is_current(lock):
+                    return False
                 try:
                     result = self.flush_once()
                 except (storage.DatabaseError, OSError) as exc:
                     failures += 1
                     delay = min(interval * 2 ** min(failures, 10), max_backoff)
                     message = storage.describe_error(exc, self.database_url)
-                    log.error(
-                        "flush failed attempt=%d retry_in=%.1fs unflushed=%d error=%r",
-                        failures, delay, self.unflushed(), message,
-                    )
-                    status.failed(message, self.unflushed())
-                    if stopping and stop.deadline_passed():
-                        log.error("giving up at shutdown; %d clicks stay in %s for the next start",
-                                  self.unflushed(), self.shm_dir)
-                        return False
-                    stop.wait(delay)
+                    unflushed = self.unflushed()  # the database is away: time to spare
+                    log.error("flush failed attempt=%d retry_in=%.1fs unflushed=%d error=%r",
+                              failures, delay, unflushed, message)
+                    status.failed(message, unflushed)
+                    if stopping:
+                        if stop.deadline_passed():
+                            log.error("giving up at shutdown; %d clicks stay in %s for the next start",
+                                      unflushed, self.shm_dir)
+                            return False
+                        time.sleep(min(delay, stop.time_left()))
+                    else:
+                        stop.wait(delay)
                     continue
                 if failures:
                     log.info("flush recovered after_failures=%d", failures)
                     failures = 0
-                status.flushed(result, self.unflushed())
+                status.flushed(result)
                 if stopping:
-                    log.info("final flush done clicks=%d", result["clicks"])
-                    return True
+                    if result["live_segments"] == 0 and not self.retired_ids:
+                        log.info("final flush done clicks=%d", result["clicks"])
+                        return True
+                    if stop.deadline_passed():
+                        log.warning("stopping with %d segments still owned by live processes",
+                                    result["live_segments"])
+                        return True
+                    time.sleep(0.05)  # owners are on their way out; flush again
+                    continue
                 stop.wait(max(0.0, interval - (time.monotonic() - started)))
         finally:
             self.close()
             os.close(lock)
+
+    def _lock_is_current(self, lock) -> bool:
+        """False if the directory's lock file was replaced under us (the
+        directory was removed and made again): a new flusher may be working
+        it, so this one must stop."""
+        try:
+            same = os.fstat(lock).st_ino == os.stat(os.path.join(self.shm_dir, LOCK_FILE)).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:
+            log.error("%s was replaced; this flusher stops", self.shm_dir)
+        return same
 
     def _lock(self, stop):
         """Take the directory's flusher lock, waiting while another flusher has it."""
@@ -254,6 +305,9 @@ class StopSignal:
     def deadline_passed(self) -> bool:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
+    def time_left(self) -> float:
+        return max(0.0, self._deadline - time.monotonic()) if self._deadline is not None else 0.0
+
 
 class StatusFile:
     """The flusher's state, for /health in the workers: a small JSON file
@@ -264,8 +318,8 @@ class StatusFile:
         self.state = {"pid": os.getpid(), "started_at": time.time(), "last_flush_at": None,
                       "last_error": None, "last_error_at": None, "unflushed": 0}
 
-    def flushed(self, result, unflushed):
-        self.state.update(last_flush_at=time.time(), last_result=result, unflushed=unflushed)
+    def flushed(self, result):
+        self.state.update(last_flush_at=time.time(), last_result=result, unflushed=0)
         self._write()
 
     def failed(self, message, unflushed):
@@ -306,8 +360,11 @@ def main(settings, parent_pid=None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     stop = StopSignal(settings.graceful_timeout, parent_pid)
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+    stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
+    for signum in stop_signals:
         signal.signal(signum, lambda *_: stop.set())
+    # the supervisor starts us with these blocked: a stop that came early waits till now
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     os.makedirs(settings.shm_dir, mode=0o700, exist_ok=True)
     flusher = Flusher(
         settings.shm_dir, settings.database_url, dedup_ttl=settings.dedup_ttl,

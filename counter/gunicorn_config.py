@@ -37,6 +37,7 @@ accesslog = None  # a log line per click would cost more than counting it
 
 # -- hooks -------------------------------------------------------------------
 def on_starting(server):
+    _service.check_single_threaded(server.cfg)
     _service.prepare(_settings)
 
 

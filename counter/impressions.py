@@ -49,7 +49,7 @@ class ImpressionLog:
         self.max_bytes = max_bytes
         self.clock = clock
         self.path = None
-        self._mapping = None
+        self._segment = None
         self._words = None
         self._used = 0
 
@@ -69,24 +69,23 @@ class ImpressionLog:
 
     def _start_log(self) -> bool:
         size = segment.file_size(self.slots, IMPRESSIONS.record_words)
-        if segment.segment_bytes(self.directory) + size > self.max_bytes:
+        try:
+            if segment.segment_bytes(self.directory) + size > self.max_bytes:
+                return False
+            log = segment.create(self.directory, int(self.clock() // 60), self.slots, IMPRESSIONS)
+        except OSError:
             return False
-        path, mapping = segment.create(self.directory, int(self.clock() // 60), self.slots,
-                                       IMPRESSIONS)
         self.close()
-        self.path, self._mapping = path, mapping
-        self._words = memoryview(mapping).cast("q")
+        self._segment, self.path, self._words = log, log.path, log.words
         self._used = 0
         return True
 
     def close(self):
         """Seal the current log: the flusher drains it once more and removes it."""
-        if self._words is None:
+        if self._segment is None:
             return
-        self._words[segment.SEALED] = 1
-        self._words.release()
-        self._mapping.close()
-        self.path = self._mapping = self._words = None
+        self._segment.seal()
+        self._segment = self.path = self._words = None
 
 
 class ImpressionLogFile(segment.MappedSegment):

@@ -19,7 +19,14 @@ Every field has exactly one writer (DESIGN invariant 2):
 Publish order (invariant 4): the worker writes a record's banner id first and
 only then raises USED; readers never look at or past USED. A new file is
 fully initialised under a temporary name and renamed into place, so a reader
-never sees a half-written header.
+never sees a half-written header. (The order of plain stores is kept by x86's
+memory model; other architectures would need barriers.)
+
+Owner liveness: the writing process holds a shared flock on its segment for
+as long as it may write. The flusher knows the owner is gone -- killed,
+exited, in whatever pid namespace -- when it can take an exclusive lock.
+A file's memory is allocated when it is made (posix_fallocate), so a full
+tmpfs is a clean "no room" (503), never a SIGBUS on a later write.
 
 Counts only go up (invariant 3); space comes back by retiring whole files.
 All values are aligned 8-byte words written through ``memoryview.cast('q')``,
@@ -27,8 +34,10 @@ so a reader sees either the old or the new value, never a torn one.
 """
 
 import collections
+import fcntl
 import mmap
 import os
+import re
 import secrets
 import time
 
@@ -67,10 +76,6 @@ def process_start_time(pid: int):
     return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
-def owner_alive(pid: int, start: int) -> bool:
-    return process_start_time(pid) == start
-
-
 def segment_bytes(directory) -> int:
     """Bytes taken by all segment files of a directory (the memory bound's measure)."""
     total = 0
@@ -84,8 +89,26 @@ def segment_bytes(directory) -> int:
     return total
 
 
-def create(directory, minute: int, slots: int, kind: Kind = CLICKS):
-    """Create, initialise and publish a segment file; return (path, mmap)."""
+class Owned:
+    """A segment this process writes: mapped, and share-locked while open."""
+
+    def __init__(self, path, fd, mapping):
+        self.path = path
+        self._fd = fd
+        self._mapping = mapping
+        self.words = memoryview(mapping).cast("q")
+
+    def seal(self):
+        """No more writes: mark it sealed, unmap it, drop the owner's lock."""
+        self.words[SEALED] = 1
+        self.words.release()
+        self._mapping.close()
+        os.close(self._fd)
+
+
+def create(directory, minute: int, slots: int, kind: Kind = CLICKS) -> Owned:
+    """Create, initialise and publish a segment file owned by this process.
+    Raises OSError (e.g. ENOSPC when the tmpfs is full), leaving nothing behind."""
     pid = os.getpid()
     name = f"{minute}-{pid}-{secrets.token_hex(8)}"
     final = os.path.join(directory, name + kind.suffix)
@@ -93,19 +116,22 @@ def create(directory, minute: int, slots: int, kind: Kind = CLICKS):
     size = file_size(slots, kind.record_words)
     fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.ftruncate(fd, size)
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        os.posix_fallocate(fd, 0, size)
         mapping = mmap.mmap(fd, size)
-    finally:
+    except BaseException:
         os.close(fd)
-    words = memoryview(mapping).cast("q")
+        os.unlink(temporary)
+        raise
+    owned = Owned(final, fd, mapping)
+    words = owned.words
     words[OWNER_PID] = pid
-    words[OWNER_START] = process_start_time(pid)
+    words[OWNER_START] = process_start_time(pid) or 0
     words[MINUTE] = minute
     words[CAPACITY] = slots
     words[0] = kind.magic
-    words.release()
     os.rename(temporary, final)
-    return final, mapping
+    return owned
 
 
 class SegmentWriter:
@@ -121,7 +147,7 @@ class SegmentWriter:
         self.max_bytes = max_bytes
         self.clock = clock
         self.path = None
-        self._mapping = None
+        self._segment = None
         self._words = None
         self._index = {}  # banner id -> word index of its count
         self._used = 0
@@ -159,17 +185,20 @@ class SegmentWriter:
         Fails (and keeps the current one) when the memory bound leaves no room.
         """
         minute = int(now // 60)
-        if now < self._retry_at:
+        retry = time.monotonic()
+        if retry < self._retry_at:
             return False
-        if segment_bytes(self.directory) + file_size(self.slots) > self.max_bytes:
-            self._retry_at = now + 0.25
+        try:
+            if segment_bytes(self.directory) + file_size(self.slots) > self.max_bytes:
+                raise MemoryError
+            segment = create(self.directory, minute, self.slots)
+        except (MemoryError, OSError):
+            self._retry_at = retry + 0.25
             if self._words is not None and self._words[MINUTE] != minute:
                 self.close()  # its minute is over; nothing may count into it now
             return False
-        path, mapping = create(self.directory, minute, self.slots)
         self.close()
-        self.path, self._mapping = path, mapping
-        self._words = memoryview(mapping).cast("q")
+        self._segment, self.path, self._words = segment, segment.path, segment.words
         self._index = {}
         self._used = 0
         self._minute_start = minute * 60.0
@@ -178,12 +207,10 @@ class SegmentWriter:
 
     def close(self):
         """Seal the current segment: the flusher drains it once more and removes it."""
-        if self._words is None:
+        if self._segment is None:
             return
-        self._words[SEALED] = 1
-        self._words.release()
-        self._mapping.close()
-        self.path = self._mapping = self._words = None
+        self._segment.seal()
+        self._segment = self.path = self._words = None
         self._index = {}
         self._minute_start = self._minute_end = 0.0
 
@@ -197,26 +224,37 @@ class MappedSegment:
     def __init__(self, path):
         self.path = path
         self.id = os.path.basename(path)[: -len(self.kind.suffix)]
-        fd = os.open(path, os.O_RDWR)
+        self._fd = os.open(path, os.O_RDWR)
         try:
-            self._mapping = mmap.mmap(fd, 0)
-        finally:
-            os.close(fd)
+            self._mapping = mmap.mmap(self._fd, 0)
+        except (OSError, ValueError):
+            os.close(self._fd)
+            raise ValueError(f"{path} cannot be mapped")
         self.words = memoryview(self._mapping).cast("q")
-        if len(self.words) < HEADER_WORDS or self.words[0] != self.kind.magic:
+        w = self.words
+        if (len(w) < HEADER_WORDS or w[0] != self.kind.magic or not 0 <= w[USED] <= w[CAPACITY]
+                or len(w) < HEADER_WORDS + self.kind.record_words * w[CAPACITY]):
             self.close()
             raise ValueError(f"{path} is not a click-counter {self.kind.suffix} segment")
         self.minute = self.words[MINUTE]
+        self._owner_gone = False
 
     def close(self):
         self.words.release()
         self._mapping.close()
+        os.close(self._fd)
 
     def finished(self) -> bool:
-        """True once nothing more can arrive: sealed, or its owner is gone."""
-        return bool(self.words[SEALED]) or not owner_alive(
-            self.words[OWNER_PID], self.words[OWNER_START]
-        )
+        """True once nothing more can arrive: sealed, or its owner is gone
+        (its shared lock is released: the exclusive one can be had)."""
+        if self.words[SEALED] or self._owner_gone:
+            return True
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self._owner_gone = True  # kept locked: nobody can own it again
+        return True
 
     @property
     def settled(self) -> bool:
@@ -269,8 +307,15 @@ class SegmentFile(MappedSegment):
         )
 
 
+_NAME = re.compile(r"^(\d+)-\d+-[0-9a-f]{16}\.\w+$")
+
+
 def list_segments(directory, suffix=SUFFIX):
-    """Paths of the published segment files of a kind, oldest minute first."""
-    names = [n for n in os.listdir(directory) if n.endswith(suffix)]
-    names.sort(key=lambda n: (int(n.split("-", 1)[0]), n))
-    return [os.path.join(directory, n) for n in names]
+    """Paths of the published segment files of a kind, oldest minute first
+    (files not named the way create() names them are left alone)."""
+    found = []
+    for name in os.listdir(directory):
+        match = _NAME.match(name)
+        if match and name.endswith(suffix):
+            found.append((int(match[1]), name))
+    return [os.path.join(directory, name) for _, name in sorted(found)]

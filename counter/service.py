@@ -37,6 +37,14 @@ def worker_class(settings) -> str:
     return "sync"
 
 
+def check_single_threaded(cfg):
+    """Refuse several threads per worker (e.g. --threads in GUNICORN_CMD_ARGS,
+    which turns the sync worker into gthread): a segment has one writer."""
+    if cfg.threads > 1 or "gthread" in str(cfg.worker_class_str):
+        sys.exit("configuration error: one thread per worker is required "
+                 "(each worker's segment has a single writer); drop --threads / gthread")
+
+
 def prepare(settings):
     """Before the first fork: the shared-memory directory, the database
     (embedded when DATABASE_URL is unset) and its migrations."""

@@ -30,8 +30,17 @@ def describe_error(exc: BaseException, url: str = "") -> str:
     return redact(text)
 
 
-def connect(url: str, application_name: str = "click-counter"):
-    return psycopg2.connect(url, connect_timeout=5, application_name=application_name)
+def connect(url: str, application_name: str = "click-counter", statement_timeout_ms=None):
+    """A connection that gives up on a dead or silent server in seconds, not
+    minutes: connect timeout, TCP keepalives and a TCP user timeout."""
+    options = {}
+    if statement_timeout_ms:
+        options["options"] = f"-c statement_timeout={int(statement_timeout_ms)}"
+    return psycopg2.connect(
+        url, connect_timeout=5, application_name=application_name,
+        keepalives=1, keepalives_idle=10, keepalives_interval=3, keepalives_count=3,
+        tcp_user_timeout=30_000, **options,
+    )
 
 
 def _migrations():
@@ -185,12 +194,23 @@ def _count_unique_impressions(cur, impressions, ttl):
         )
 
 
-def committed_seqs(conn, segment_ids) -> dict:
-    """{segment_id: last committed flush sequence} for those that have one."""
+def register_segments(conn, segment_ids):
+    """Create the sequence rows (seq 0) of new segments."""
     with conn, conn.cursor() as cur:
         cur.execute(
-            "SELECT segment_id, seq FROM segment_flushes WHERE segment_id = ANY(%s)",
-            (list(segment_ids),),
+            "INSERT INTO segment_flushes (segment_id, seq) SELECT unnest(%s::text[]), 0"
+            " ON CONFLICT (segment_id) DO NOTHING", (sorted(segment_ids),),
+        )
+
+
+def committed_seqs(conn, segment_ids) -> dict:
+    """{segment_id: last committed flush sequence}. The rows are locked
+    (FOR UPDATE), so a flush transaction still committing is waited for."""
+    with conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT segment_id, seq FROM segment_flushes WHERE segment_id = ANY(%s)"
+            " ORDER BY segment_id FOR UPDATE",
+            (sorted(segment_ids),),
         )
         return dict(cur.fetchall())
 

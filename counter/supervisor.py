@@ -15,9 +15,12 @@ import threading
 import time
 
 # Signals whose handlers or ignore flags must not leak from the parent.
-_RESET_SIGNALS = [s for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
-                              signal.SIGCHLD, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
-                              signal.SIGTTOU, signal.SIGWINCH, signal.SIGPIPE)]
+_RESET_SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGCHLD,
+                  signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU, signal.SIGWINCH,
+                  signal.SIGPIPE]
+# Blocked until the child has its handlers (it unblocks them): a stop request
+# in its first moments waits instead of killing it before its final flush.
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
 
 
 def flusher_command(parent_pid: int):
@@ -48,28 +51,36 @@ class FlusherSupervisor:
         self._thread.start()
 
     def _spawn(self):
-        self.pid = os.posix_spawn(
+        """Start the flusher; on failure (e.g. EAGAIN) leave no pid behind and raise."""
+        self.pid = self._pidfd = None
+        pid = os.posix_spawn(
             self.command[0], self.command, os.environ,
             file_actions=[(os.POSIX_SPAWN_CLOSE, fd) for fd in self.close_fds],
-            setsigdef=_RESET_SIGNALS, setsigmask=(),
+            setsigdef=_RESET_SIGNALS, setsigmask=STOP_SIGNALS,
+            setpgroup=0,  # a terminal's Ctrl-C goes to gunicorn, which stops it in order
         )
-        self._pidfd = os.pidfd_open(self.pid)
-        self.log.info("flusher started (pid: %s)", self.pid)
+        self.pid, self._pidfd = pid, os.pidfd_open(pid)
+        self.log.info("flusher started (pid: %s)", pid)
 
     def _watch(self):
         while True:
             pidfd = self._pidfd
-            if not _exited(pidfd, 0.5):
+            if pidfd is not None and not _exited(pidfd, 0.5):
                 if self._stopping:
                     return
                 continue
             with self._lock:
                 if self._stopping:
                     return
-                self.log.warning("flusher (pid: %s) died; restarting it", self.pid)
-                os.close(pidfd)
+                if pidfd is not None:
+                    self.log.warning("flusher (pid: %s) died; restarting it", self.pid)
+                    os.close(pidfd)
+                    self._pidfd = None
                 time.sleep(self.restart_delay)
-                self._spawn()
+                try:
+                    self._spawn()
+                except OSError as exc:
+                    self.log.error("cannot start the flusher (%s); trying again", exc)
 
     def stop(self, timeout: float) -> bool:
         """SIGTERM the flusher (it makes a final flush) and wait for it.
@@ -77,7 +88,7 @@ class FlusherSupervisor:
         with self._lock:
             self._stopping = True
             pid, pidfd = self.pid, self._pidfd
-        if pid is None:
+        if pidfd is None:
             return True
         try:
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)  # never hits a reused pid
@@ -93,4 +104,5 @@ class FlusherSupervisor:
             except ProcessLookupError:
                 pass
         os.close(pidfd)
+        self._pidfd = None
         return clean

@@ -9,7 +9,7 @@ def test_defaults_are_sane():
     s = config.load({})
     assert s.database_url is None and s.flush_interval == 1.0 and s.bind == "127.0.0.1:8000"
     assert str(s.shm_dir) == "/dev/shm/click-counter-8000"
-    assert s.workers >= 1 and s.segment_slots == 65536
+    assert s.workers >= 1 and s.segment_slots == 16384
 
 
 @pytest.mark.parametrize("env,fragment", [
@@ -24,6 +24,10 @@ def test_defaults_are_sane():
     ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
     ({"SEGMENT_SLOTS": "4"}, "SEGMENT_SLOTS"),
     ({"SHM_MAX_BYTES": "2000000", "SEGMENT_SLOTS": "1000000"}, "SHM_MAX_BYTES"),
+    ({"SHM_MAX_BYTES": str(64 << 20), "WORKERS": "64"}, "too small for WORKERS=64"),
+    ({"DEDUP_TTL": "0"}, "DEDUP_TTL"),
+    ({"USER_HASH_KEY": "xyz"}, "USER_HASH_KEY"),
+    ({"USER_HASH_KEY": "abcd"}, "USER_HASH_KEY"),
 ])
 def test_bad_settings_are_refused_by_name(env, fragment):
     with pytest.raises(config.ConfigError, match=fragment):

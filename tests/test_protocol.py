@@ -162,7 +162,7 @@ def test_segments_of_many_minutes_become_rows_per_minute(shm, database_url):
 
 
 def test_a_second_flusher_waits_for_the_first(shm, database_url):
-    count(shm, {1: 1})
+    count(shm, {1: 1}).close()
     lock = os.open(os.path.join(shm, LOCK_FILE), os.O_RDWR | os.O_CREAT)
     fcntl.flock(lock, fcntl.LOCK_EX)
     stop = StopSignal(0.0)
@@ -202,6 +202,7 @@ def test_flusher_retries_while_the_database_is_down_and_catches_up(shm, tmp_path
         assert wait(lambda: "attempt=3" in caplog.text)  # retried, and still failing
         server.start()  # same data directory, same port
         assert wait(lambda: clicks_by_banner(url) == {1: 2, 2: 5})
+        w.close()  # the owner leaves; the stopping flusher drains and returns
         stop.set()
         thread.join(timeout=30)
         assert "flush failed" in caplog.text and "flush recovered" in caplog.text
@@ -257,3 +258,83 @@ def test_migrations_run_concurrently_apply_once(postgres_url, database_url):
         with admin.cursor() as cur:
             cur.execute(f"DROP DATABASE {fresh.rsplit('/', 1)[1]} WITH (FORCE)")
         admin.close()
+
+
+def test_a_stopping_flusher_waits_for_live_owners_to_finish(shm, database_url):
+    """SIGTERM may reach the flusher before the workers (a whole process group
+    or cgroup is signalled): it keeps flushing until every owner is gone."""
+    import threading
+    import time
+
+    w = count(shm, {1: 1})
+    stop = StopSignal(20.0)
+    stop.set()
+    f = Flusher(shm, database_url)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(f.run(stop, interval=0.05)))
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive()  # the owner still lives: not done yet
+    w.add(1)  # a late click before the owner exits
+    w.close()
+    thread.join(timeout=10)
+    assert done == [True]
+    assert clicks_by_banner(database_url) == {1: 2}
+    assert segment.list_segments(shm) == []
+    assert query(database_url, "SELECT count(*) FROM segment_flushes") == [(0,)]  # no leaked rows
+
+
+def test_a_flusher_stops_when_its_directory_is_replaced(shm, database_url):
+    import shutil
+    import threading
+    import time
+
+    stop = StopSignal(5.0)
+    f = Flusher(shm, database_url)
+    done = []
+    thread = threading.Thread(target=lambda: done.append(f.run(stop, interval=0.05)))
+    thread.start()
+    time.sleep(0.3)
+    shutil.rmtree(shm)
+    os.mkdir(shm)
+    thread.join(timeout=5)
+    assert done == [False]
+
+
+def test_a_commit_still_in_flight_is_waited_for_not_dropped(shm, database_url):
+    """The flush transaction holds its segments' sequence rows until it ends;
+    settling takes the same rows FOR UPDATE, so it cannot read the old sequence
+    while that commit is still on its way."""
+    import threading
+    import time
+
+    count(shm, {1: 3})
+    first = Flusher(shm, database_url)
+    first._refresh()
+    conn = first._connection()
+    first._register(conn)
+    rows, views, seqs, staged = first._stage()
+    # the first flusher's transaction is open (as if its COMMIT were in flight)
+    slow = storage_connect(database_url)
+    cur = slow.cursor()
+    cur.execute("UPDATE segment_flushes SET seq = %s WHERE segment_id = %s",
+                (seqs[staged[0].id], staged[0].id))
+    cur.execute("INSERT INTO clicks VALUES (1, to_timestamp(%s * 60), 3)", (staged[0].minute,))
+    # its connection is gone; the same flusher (its rows already registered) settles
+    first._drop_connection()
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(first.flush_once()))
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive()  # settling waits for the open transaction
+    slow.commit()  # ... which commits after all
+    thread.join(timeout=10)
+    assert clicks_by_banner(database_url) == {1: 3}  # not 6
+    slow.close()
+    first.close()
+
+
+def storage_connect(url):
+    from counter import storage
+
+    return storage.connect(url)

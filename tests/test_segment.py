@@ -1,6 +1,7 @@
 """The shared-memory segment: layout, publish order, rollover, bounds, ownership."""
 
 import os
+import time
 
 import pytest
 
@@ -107,7 +108,7 @@ def test_memory_bound_refuses_new_banners_but_counts_known_ones(tmp_path):
     assert records(w.path)[3] == 2
     # the flusher retires the full segment: room again
     os.unlink(w.path)
-    w.clock.now += 1  # past the retry pause
+    time.sleep(0.3)  # past the retry pause
     assert w.add(99)
 
 
@@ -120,7 +121,7 @@ def test_memory_bound_at_a_new_minute_refuses_everything(tmp_path):
     assert not w.add(1)  # the old minute's segment cannot take it; no room for a new one
     assert SegmentFile(w_path := segment.list_segments(tmp_path)[0]).words[segment.SEALED] == 1
     os.unlink(w_path)
-    clock.now += 1
+    time.sleep(0.3)  # past the retry pause
     assert w.add(1)
 
 
@@ -169,3 +170,32 @@ def test_not_a_segment_is_refused(tmp_path):
     path.write_bytes(b"\0" * 256)
     with pytest.raises(ValueError):
         SegmentFile(str(path))
+
+
+def test_a_full_tmpfs_is_no_room_not_a_crash(tmp_path, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    w = writer(tmp_path)
+    assert not w.add(1)  # a 503 for the client; the worker lives on
+    assert os.listdir(tmp_path) == []  # and the half-made file is gone
+
+
+def test_a_live_owner_is_seen_through_its_lock_in_any_pid_namespace(tmp_path):
+    """Liveness comes from the owner's shared lock, not from /proc: a pid the
+    flusher cannot see (another container) does not make a live segment finished."""
+    w = writer(tmp_path)
+    w.add(1)
+    seg = SegmentFile(w.path)
+    seg.words[segment.OWNER_PID] = 999_999_999  # no such pid here
+    assert not seg.finished()
+    w.close()
+    assert seg.finished()
+    seg.close()
+
+
+def test_stray_files_are_ignored(tmp_path):
+    (tmp_path / "notes.seg").write_text("hello")
+    (tmp_path / "1-2-zz.seg").write_text("hello")
+    assert segment.list_segments(tmp_path) == []

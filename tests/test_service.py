@@ -170,3 +170,9 @@ def test_serve_without_database_url_runs_an_embedded_postgres(tmp_path, service_
     assert (tmp_path / "data" / "pgdata" / "postmaster.pid").exists()
     assert service.terminate() == 0
     assert not (tmp_path / "data" / "pgdata" / "postmaster.pid").exists()  # stopped with the service
+
+
+def test_several_threads_per_worker_are_refused(database_url, service_factory):
+    with pytest.raises(RuntimeError) as failure:
+        service_factory(database_url, workers=1, extra_env={"GUNICORN_CMD_ARGS": "--threads 4"})
+    assert "one thread per worker is required" in str(failure.value)

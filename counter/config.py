@@ -101,7 +101,7 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
     workers = _number(env, "WORKERS", os.cpu_count() or 1, int, 1, 1024)
     slots = _number(env, "SEGMENT_SLOTS", 16384, int, 16, 1 << 24)
     impression_slots = _number(env, "IMPRESSION_SLOTS", 16384, int, 16, 1 << 24)
-    max_bytes = _number(env, "SHM_MAX_BYTES", 256 << 20, int, 1 << 20)
+    max_bytes = _number(env, "SHM_MAX_BYTES", 256 << 20, int, 1 << 16)
     # At a minute change every worker briefly holds two click segments (the
     # sealed one until it is flushed) and may hold two impression logs.
     per_worker = 2 * (segment.file_size(slots) + segment.file_size(impression_slots, 5))

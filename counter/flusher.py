@@ -341,15 +341,18 @@ class StatusFile:
             return None
 
 
-def fault_from_env(point_name):
-    """Test-only crash points: COUNTER_TEST_FAULT=before_commit:0.05 makes the
-    flusher SIGKILL itself at that point with that probability."""
-    if not point_name:
+def fault_from_env(spec):
+    """Test-only crash points: COUNTER_TEST_FAULT="before_commit:0.1,after_commit:0.1"
+    makes the flusher SIGKILL itself at those points with those probabilities."""
+    if not spec:
         return None
-    point, _, chance = point_name.partition(":")
-    chance = float(chance or 1)
+    chances = {}
+    for item in spec.split(","):
+        point, _, chance = item.strip().partition(":")
+        chances[point] = float(chance or 1)
+
     def fault(where):
-        if where == point and random.random() < chance:
+        if random.random() < chances.get(where, 0.0):
             os.kill(os.getpid(), signal.SIGKILL)
 
     return fault

@@ -8,6 +8,7 @@ For every 2xx answer it records the banner and, when the request was sent
 and answered within one minute, that minute (the server stamps the click
 somewhere in between). A request that got no answer (connection reset by a
 killed worker) is "unanswered": the server may or may not have counted it.
+A refused connection is "refused": nothing was sent, nothing can be counted.
 """
 
 import argparse
@@ -26,7 +27,13 @@ class Tally:
         self.by_minute = collections.Counter()  # (banner, minute) -> 2xx answers certainly in it
         self.straddling = collections.Counter()  # banner -> 2xx answers across a minute edge
         self.statuses = collections.Counter()
-        self.unanswered = 0
+        self.unanswered_by = collections.Counter()  # banner -> requests without an answer
+        self.refused = 0
+        self.no_retry_after = 0  # 503 answers without a Retry-After header
+
+    @property
+    def unanswered(self):
+        return sum(self.unanswered_by.values())
 
     @property
     def total(self):
@@ -38,11 +45,36 @@ class Tally:
             self.by_minute.update(other.by_minute)
             self.straddling.update(other.straddling)
             self.statuses.update(other.statuses)
-            self.unanswered += other.unanswered
+            self.unanswered_by.update(other.unanswered_by)
+            self.refused += other.refused
+            self.no_retry_after += other.no_retry_after
 
     def summary(self):
-        return {"acknowledged": self.total, "unanswered": self.unanswered,
+        return {"acknowledged": self.total, "unanswered": self.unanswered, "refused": self.refused,
                 "statuses": dict(self.statuses)}
+
+    def dump(self, path):
+        """Everything, as JSON (for a load run in another process)."""
+        with open(path, "w") as f:
+            json.dump({"acked": list(self.acked.items()),
+                       "by_minute": [[b, m, n] for (b, m), n in self.by_minute.items()],
+                       "straddling": list(self.straddling.items()),
+                       "unanswered_by": list(self.unanswered_by.items()),
+                       "statuses": list(self.statuses.items()),
+                       "refused": self.refused, "no_retry_after": self.no_retry_after}, f)
+
+    @classmethod
+    def load(cls, path):
+        with open(path) as f:
+            data = json.load(f)
+        tally = cls()
+        tally.acked.update(dict((k, v) for k, v in data["acked"]))
+        tally.by_minute.update({(b, m): n for b, m, n in data["by_minute"]})
+        tally.straddling.update(dict((k, v) for k, v in data["straddling"]))
+        tally.unanswered_by.update(dict((k, v) for k, v in data["unanswered_by"]))
+        tally.statuses.update({int(k): v for k, v in data["statuses"]})
+        tally.refused, tally.no_retry_after = data["refused"], data["no_retry_after"]
+        return tally
 
 
 def _host_port(base_url):
@@ -69,14 +101,22 @@ def _worker(base_url, requests, deadline, tally):
             conn.request(method, path, body=body, headers=headers if body else {})
             response = conn.getresponse()
             response.read()
+        except ConnectionRefusedError:
+            mine.refused += 1  # nothing was sent
+            conn.close()
+            conn = None
+            time.sleep(0.05)
+            continue
         except (OSError, http.client.HTTPException):
-            mine.unanswered += 1
+            mine.unanswered_by[banner] += 1
             conn.close()
             conn = None
             time.sleep(0.01)
             continue
         answered = time.time()
         mine.statuses[response.status] += 1
+        if response.status == 503 and not response.getheader("Retry-After"):
+            mine.no_retry_after += 1
         if 200 <= response.status < 300:
             mine.acked[banner] += 1
             if int(sent // 60) == int(answered // 60):
@@ -93,13 +133,14 @@ def _worker(base_url, requests, deadline, tally):
 
 def drive(base_url, total, banners=200, connections=16, seconds=120.0,
           path="/counter/{}", first_banner=1, tally=None):
-    """Send up to `total` clicks within `seconds`; return the Tally."""
-    # banner ids cycle so that every banner gets clicks on every connection
-    plan = []
-    for i in range(total):
-        banner = first_banner + i % banners
-        plan.append((banner, "GET", path.format(banner), None))
-    return send(base_url, plan, connections, seconds, tally)
+    """Send up to `total` clicks within `seconds`; return the Tally. Banner ids
+    cycle, so every banner gets clicks on every connection."""
+    def clicks(offset):  # made lazily: `total` may be far more than the time allows
+        for i in range(offset, total, connections):
+            banner = first_banner + i % banners
+            yield banner, "GET", path.format(banner), None
+
+    return send(base_url, [clicks(i) for i in range(connections)], seconds, tally)
 
 
 def drive_impressions(base_url, campaign_id, users, repeats=1, connections=16, seconds=120.0,
@@ -111,18 +152,16 @@ def drive_impressions(base_url, campaign_id, users, repeats=1, connections=16, s
         for user in users:
             body = json.dumps({"campaign_id": str(campaign_id), "user_id": user, "ad_id": "ad-1"})
             plan.append((user, "POST", "/api/v1/impressions", body))
-    return send(base_url, plan, connections, seconds, tally)
+    return send(base_url, [plan[i::connections] for i in range(connections)], seconds, tally)
 
 
-def send(base_url, plan, connections=16, seconds=120.0, tally=None):
-    """Spread (key, method, path, body) requests over `connections` threads,
-    within `seconds`; return the Tally."""
+def send(base_url, plans, seconds=120.0, tally=None):
+    """Send each plan -- an iterable of (key, method, path, body) -- on a
+    connection of its own, within `seconds`; return the Tally."""
     tally = tally or Tally()
     deadline = time.monotonic() + seconds
-    threads = [
-        threading.Thread(target=_worker, args=(base_url, plan[i::connections], deadline, tally))
-        for i in range(connections)
-    ]
+    threads = [threading.Thread(target=_worker, args=(base_url, plan, deadline, tally))
+               for plan in plans]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -137,9 +176,14 @@ def main():
     parser.add_argument("--banners", type=int, default=200)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--first-banner", type=int, default=1)
+    parser.add_argument("--out", help="write the whole tally here as JSON")
     args = parser.parse_args()
     started = time.monotonic()
-    tally = drive(args.base_url, args.total, args.banners, args.connections, args.seconds)
+    tally = drive(args.base_url, args.total, args.banners, args.connections, args.seconds,
+                  first_banner=args.first_banner)
+    if args.out:
+        tally.dump(args.out)
     summary = tally.summary()
     summary["seconds"] = round(time.monotonic() - started, 2)
     print(json.dumps(summary))

@@ -1,0 +1,19 @@
+"""The fault-injection suite (loadtest/faults.py), every scenario, in its short
+CI mode: real service trees, a real PostgreSQL stopped and restarted, kills of
+every process, a memory flood -- lost = 0 and duplicated = 0 everywhere."""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.service
+def test_every_fault_scenario_loses_and_duplicates_nothing():
+    done = subprocess.run([sys.executable, "-m", "loadtest.faults", "--mode", "ci"], cwd=str(ROOT),
+                          capture_output=True, text=True, timeout=1200)
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    assert "8 passed, 0 failed" in done.stdout

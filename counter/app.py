@@ -15,7 +15,7 @@ import uuid
 
 import falcon
 
-from counter import campaigns, health, impressions, stats_request, storage
+from counter import campaigns, health, impressions, metrics, stats_request, storage, worker_stats
 
 log = logging.getLogger("counter.app")
 
@@ -66,12 +66,14 @@ def read_body(req) -> bytes:
 class ClickResource:
     """Counts one click. Nothing here but parsing the id and one add."""
 
-    def __init__(self, clicks, status):
+    def __init__(self, clicks, status, stats):
         self._add = clicks.add
         self._status = status
+        self._stats = stats
 
     def on_get(self, req, resp, banner_id):
         if not self._add(_banner(banner_id)):
+            self._stats.add(worker_stats.REJECTED_CLICKS)
             raise _error(
                 falcon.HTTPServiceUnavailable,
                 "click memory is full; retry shortly",
@@ -195,10 +197,11 @@ class ImpressionResource:
     """Appends one impression to this worker's log: no database per request
     (the campaign comes from the cache, the hash key is loaded once)."""
 
-    def __init__(self, log, cache, database, key=None):
+    def __init__(self, log, cache, database, stats, key=None):
         self._append = log.append
         self._cache = cache
         self._database = database
+        self._stats = stats
         self._key = key
 
     def on_post(self, req, resp):
@@ -218,6 +221,7 @@ class ImpressionResource:
             raise _error(falcon.HTTPConflict,
                          f"campaign {campaign_id} starts at {stats_request.format_time(start)}")
         if not self._append(campaign_id, impressions.user_hash(self._key, user_id)):
+            self._stats.add(worker_stats.REJECTED_IMPRESSIONS)
             raise _error(falcon.HTTPServiceUnavailable, "impression memory is full; retry shortly",
                          retry_after=RETRY_AFTER)
         resp.status = falcon.HTTP_202
@@ -238,15 +242,26 @@ class HeartbeatResource:
         resp.media = {"status": "ok"}
 
 
-def create_app(settings, clicks, database, views=None) -> falcon.App:
-    """views: the worker's ImpressionLog (one is made in settings.shm_dir if not given)."""
+class MetricsResource:
+    def __init__(self, shm_dir):
+        self._shm_dir = shm_dir
+
+    def on_get(self, req, resp):
+        resp.content_type, resp.data = metrics.exposition(self._shm_dir)
+
+
+def create_app(settings, clicks, database, views=None, stats=None) -> falcon.App:
+    """views: the worker's ImpressionLog, stats: its WorkerStats (both are made
+    in settings.shm_dir when not given)."""
     app = falcon.App(media_type=falcon.MEDIA_JSON)
     app.req_options.strip_url_path_trailing_slash = False
     app.set_error_serializer(_serialize_error)
     app.add_error_handler(Exception, _unexpected_error)
 
-    app.add_route("/counter/{banner_id}", ClickResource(clicks, falcon.HTTP_200))
-    app.add_route("/v1/banners/counter/{banner_id}", ClickResource(clicks, falcon.HTTP_204))
+    if stats is None:
+        stats = worker_stats.WorkerStats(settings.shm_dir)
+    app.add_route("/counter/{banner_id}", ClickResource(clicks, falcon.HTTP_200, stats))
+    app.add_route("/v1/banners/counter/{banner_id}", ClickResource(clicks, falcon.HTTP_204, stats))
     stats = StatsResource(database)
     app.add_route("/stats/{banner_id}", stats)
     app.add_route("/v1/banners/stats/{banner_id}", stats)
@@ -262,7 +277,8 @@ def create_app(settings, clicks, database, views=None) -> falcon.App:
     app.add_route("/api/v1/campaigns/{campaign_id}", CampaignResource(database))
     app.add_route("/api/v1/campaigns/{campaign_id}/stats", CampaignStatsResource(database))
     app.add_route("/api/v1/impressions",
-                  ImpressionResource(views, cache, database, settings.user_hash_key))
+                  ImpressionResource(views, cache, database, stats, settings.user_hash_key))
     app.add_route("/health", HealthResource(settings.shm_dir))
+    app.add_route("/metrics", MetricsResource(settings.shm_dir))
     app.add_route("/v1/healthcheck", HeartbeatResource())
     return app

@@ -25,7 +25,7 @@ import random
 import signal
 import time
 
-from counter import impressions, segment, storage
+from counter import impressions, segment, storage, worker_stats
 
 log = logging.getLogger("counter.flusher")
 
@@ -163,6 +163,28 @@ class Flusher:
     def unflushed(self) -> int:
         return sum(s.unflushed() for s in self.segments.values())
 
+    def _rejections(self, totals) -> dict:
+        """Workers' refusal (503) counts. A gone worker's file is folded into
+        `totals` and removed; the counts of live workers are returned."""
+        live = {name: 0 for name in worker_stats.FIELDS}
+        for path in segment.list_segments(self.shm_dir, worker_stats.STATS.suffix):
+            try:
+                stats = worker_stats.WorkerStatsFile(path)
+            except (ValueError, OSError):
+                continue
+            try:
+                finished = stats.finished()
+                for name, value in stats.values().items():
+                    if finished:
+                        totals[name] += value
+                    else:
+                        live[name] += value
+            finally:
+                stats.close()
+            if finished:
+                os.unlink(path)
+        return live
+
     # -- database connection -------------------------------------------------
 
     def _connection(self):
@@ -230,7 +252,8 @@ class Flusher:
                 if failures:
                     log.info("flush recovered after_failures=%d", failures)
                     failures = 0
-                status.flushed(result)
+                status.flushed(result, time.monotonic() - started,
+                               self._rejections(status.totals))
                 if stopping:
                     if result["live_segments"] == 0 and not self.retired_ids:
                         log.info("final flush done clicks=%d", result["clicks"])
@@ -310,19 +333,36 @@ class StopSignal:
 
 
 class StatusFile:
-    """The flusher's state, for /health in the workers: a small JSON file
-    replaced atomically after every cycle."""
+    """The flusher's state and running totals, for /health and /metrics in the
+    workers: a small JSON file replaced atomically after every cycle. Totals
+    carry over from the previous flusher's file, so they only go up."""
+
+    TOTALS = ("flushes", "flush_failures", "rows", "clicks", "impressions", "retired_segments",
+              "rejected_clicks", "rejected_impressions")
 
     def __init__(self, shm_dir):
         self.path = os.path.join(str(shm_dir), STATUS_FILE)
+        previous = self.read(shm_dir) or {}
+        self.totals = {name: int(previous.get("totals", {}).get(name, 0)) for name in self.TOTALS}
         self.state = {"pid": os.getpid(), "started_at": time.time(), "last_flush_at": None,
-                      "last_error": None, "last_error_at": None, "unflushed": 0}
+                      "last_error": None, "last_error_at": None, "unflushed": 0,
+                      "last_duration": None, "segments": 0, "live_segments": 0,
+                      "totals": self.totals}
 
-    def flushed(self, result):
-        self.state.update(last_flush_at=time.time(), last_result=result, unflushed=0)
+    def flushed(self, result, duration, live_rejections):
+        """After a successful cycle. live_rejections: refusals counted by live
+        workers (those of gone workers are already in the totals)."""
+        for name in ("rows", "clicks", "impressions"):
+            self.totals[name] += result[name]
+        self.totals["flushes"] += 1
+        self.totals["retired_segments"] += result["retired"]
+        self.state.update(last_flush_at=time.time(), unflushed=0, last_duration=duration,
+                          segments=result["segments"], live_segments=result["live_segments"],
+                          live_rejections=live_rejections)
         self._write()
 
     def failed(self, message, unflushed):
+        self.totals["flush_failures"] += 1
         self.state.update(last_error=message, last_error_at=time.time(), unflushed=unflushed)
         self._write()
 

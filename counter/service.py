@@ -84,6 +84,7 @@ def seal_worker_segment():
     if wsgi is not None:
         wsgi.clicks.close()
         wsgi.views.close()
+        wsgi.stats.close()
 
 
 def shutdown(settings):

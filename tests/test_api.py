@@ -2,6 +2,7 @@
 real segment writer and a real PostgreSQL behind the app."""
 
 import json
+import os
 
 import falcon.testing
 import pytest
@@ -10,19 +11,25 @@ from conftest import query
 from counter import app as app_module
 from counter import config, database, segment
 from counter.app import create_app
+from counter.click_route import ClickRoute
 from counter.flusher import Flusher
 
 MAX = 2**63 - 1
 
 
-@pytest.fixture
-def env(tmp_path, database_url):
+@pytest.fixture(params=["falcon", "raw-click-route"])
+def env(request, tmp_path, database_url):
+    """The app as Falcon alone, and with the raw click route in front (as
+    served): every contract test runs against both."""
     shm = tmp_path / "shm"
     shm.mkdir()
     settings = config.load({"DATABASE_URL": database_url, "SHM_DIR": str(shm)})
     clicks = segment.SegmentWriter(shm, settings.segment_slots, settings.shm_max_bytes)
     db = database.Database(database_url)
-    client = falcon.testing.TestClient(create_app(settings, clicks, db))
+    application = create_app(settings, clicks, db)
+    if request.param == "raw-click-route":
+        application = ClickRoute(clicks, application)
+    client = falcon.testing.TestClient(application)
     client.shm = str(shm)
     client.url = database_url
     yield client
@@ -51,13 +58,17 @@ def flush(client):
 # -- clicks -------------------------------------------------------------------
 
 def test_get_and_post_counter_count_a_click_each(env):
-    assert env.simulate_get("/counter/123").status_code == 200
+    r = env.simulate_get("/counter/123")
+    assert r.status_code == 200 and r.content == b""
+    assert dict(r.headers) == {"content-length": "0", "content-type": "application/json"}
     r = env.simulate_post("/counter/123")
     assert r.status_code == 200 and r.content == b""
-    assert env.simulate_get("/v1/banners/counter/123").status_code == 204
+    r = env.simulate_get("/v1/banners/counter/123")
+    assert r.status_code == 204 and r.content == b"" and dict(r.headers) == {}
     assert env.simulate_get(f"/counter/{MAX}").status_code == 200
+    assert env.simulate_get("/counter/0000000000000000000000123").status_code == 200  # leading zeros
     flush(env)
-    assert dict(query(env.url, "SELECT banner_id, sum(count)::int FROM clicks GROUP BY 1")) == {123: 3, MAX: 1}
+    assert dict(query(env.url, "SELECT banner_id, sum(count)::int FROM clicks GROUP BY 1")) == {123: 4, MAX: 1}
 
 
 @pytest.mark.parametrize("bad", ["abc", "0", "-1", "+1", "1.5", "1e3", str(MAX + 1),
@@ -74,13 +85,16 @@ def test_an_empty_banner_id_is_400(env, path):
     assert_error(env.simulate_get(path), 400)
 
 
-def test_a_full_memory_answers_503_with_retry_after(env):
+@pytest.mark.parametrize("raw", [False, True])
+def test_a_full_memory_answers_503_with_retry_after(tmp_path, raw):
     full = type("Full", (), {"add": staticmethod(lambda banner: False)})()
-    settings = config.load({"DATABASE_URL": env.url, "SHM_DIR": env.shm})
-    client = falcon.testing.TestClient(create_app(settings, full, database.Database(env.url)))
-    r = client.simulate_get("/counter/1")
-    assert_error(r, 503)
-    assert r.headers["retry-after"] == str(app_module.RETRY_AFTER)
+    settings = config.load({"DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})
+    application = create_app(settings, full, database.Database(settings.database_url))
+    client = falcon.testing.TestClient(ClickRoute(full, application) if raw else application)
+    for path in ("/counter/1", "/v1/banners/counter/1"):
+        r = client.simulate_get(path)
+        assert_error(r, 503)
+        assert r.headers["retry-after"] == str(app_module.RETRY_AFTER)
 
 
 def test_unknown_route_is_404_and_wrong_method_405(env):
@@ -224,10 +238,59 @@ def test_health_shows_a_failing_database_without_secrets(tmp_path):
     assert h.json["pending"] == 12 and "secret" not in h.text
 
 
-def test_an_unexpected_error_is_a_json_500_without_a_trace(env):
+@pytest.mark.parametrize("raw", [False, True])
+def test_an_unexpected_error_is_a_json_500_without_a_trace(tmp_path, raw):
     broken = type("Broken", (), {"add": staticmethod(lambda banner: 1 / 0)})()
-    settings = config.load({"DATABASE_URL": env.url, "SHM_DIR": env.shm})
-    client = falcon.testing.TestClient(create_app(settings, broken, database.Database(env.url)))
+    settings = config.load({"DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})
+    application = create_app(settings, broken, database.Database(settings.database_url))
+    client = falcon.testing.TestClient(ClickRoute(broken, application) if raw else application)
     r = client.simulate_get("/counter/1")
     assert_error(r, 500)
     assert "ZeroDivision" not in r.text and "Traceback" not in r.text
+
+
+# -- metrics ------------------------------------------------------------------------
+
+def _metric(text, name):
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_metrics_expose_the_flushers_totals_and_the_workers_refusals(tmp_path, database_url):
+    from counter.flusher import StopSignal
+    from counter.worker_stats import WorkerStats
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    settings = config.load({"DATABASE_URL": database_url, "SHM_DIR": str(shm),
+                            "SHM_MAX_BYTES": str(64 << 10), "SEGMENT_SLOTS": "16", "IMPRESSION_SLOTS": "16",
+                            "WORKERS": "1"})
+    clicks = segment.SegmentWriter(shm, 16, 64 << 10)
+    stats = WorkerStats(shm)
+    client = falcon.testing.TestClient(ClickRoute(clicks, create_app(
+        settings, clicks, database.Database(database_url), stats=stats)))
+    statuses = [client.simulate_get(f"/counter/{banner}").status_code for banner in range(1, 2000)]
+    accepted, refused = statuses.count(200), statuses.count(503)
+    assert accepted and refused and accepted + refused == len(statuses)
+    stop = StopSignal(0.3)
+    stop.set()
+    Flusher(str(shm), database_url).run(stop, interval=0.05)
+    r = client.simulate_get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    assert _metric(r.text, "click_counter_clicks_flushed_total") == accepted
+    assert _metric(r.text, "click_counter_clicks_rejected_total") == refused
+    assert _metric(r.text, "click_counter_flushes_total") >= 1
+    assert _metric(r.text, "click_counter_database_up") == 1
+    assert _metric(r.text, "click_counter_flusher_up") == 1
+    for name in ("click_counter_rows_written_total", "click_counter_flush_lag_seconds",
+                 "click_counter_flush_duration_seconds", "click_counter_pending",
+                 "click_counter_segments_live", "click_counter_flush_failures_total",
+                 "click_counter_clicks_accepted_total"):
+        _metric(r.text, name)
+    # a worker that is gone: its refusals are folded into the totals, its file removed
+    stats.close()
+    Flusher(str(shm), database_url).run(stop, interval=0.05)
+    assert _metric(client.simulate_get("/metrics").text, "click_counter_clicks_rejected_total") == refused
+    assert not [n for n in os.listdir(shm) if n.endswith(".wst")]

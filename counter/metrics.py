@@ -1,0 +1,71 @@
+"""/metrics: Prometheus exposition (prometheus_client), built at scrape time
+from the flusher's status file. Nothing is counted per click: the flusher
+already knows what it wrote, and workers count only their refusals."""
+
+import time
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from counter import segment
+from counter.flusher import StatusFile
+
+_COUNTERS = {  # status total -> (metric name, help)
+    "clicks": ("click_counter_clicks_flushed", "Clicks written to PostgreSQL."),
+    "impressions": ("click_counter_impressions_flushed", "Impressions given to the dedup rule in PostgreSQL."),
+    "rows": ("click_counter_rows_written", "(banner, minute) rows upserted by flushes."),
+    "flushes": ("click_counter_flushes", "Successful flush transactions."),
+    "flush_failures": ("click_counter_flush_failures", "Flushes that failed (database errors)."),
+    "retired_segments": ("click_counter_segments_retired", "Shared-memory segments drained and removed."),
+}
+_REJECTIONS = {
+    "rejected_clicks": ("click_counter_clicks_rejected", "Clicks refused with 503 (memory bound)."),
+    "rejected_impressions": ("click_counter_impressions_rejected", "Impressions refused with 503 (memory bound)."),
+}
+
+
+class _StatusCollector:
+    def __init__(self, shm_dir):
+        self.shm_dir = shm_dir
+
+    def collect(self):
+        status = StatusFile.read(self.shm_dir) or {}
+        totals = status.get("totals", {})
+        for key, (name, text) in _COUNTERS.items():
+            yield CounterMetricFamily(name, text, value=totals.get(key, 0))
+        live = status.get("live_rejections", {})
+        for key, (name, text) in _REJECTIONS.items():
+            yield CounterMetricFamily(name, text, value=totals.get(key, 0) + live.get(key, 0))
+        pending = status.get("unflushed", 0)
+        yield CounterMetricFamily("click_counter_clicks_accepted",
+                                  "Clicks and impressions answered 2xx: flushed plus pending.",
+                                  value=totals.get("clicks", 0) + totals.get("impressions", 0) + pending)
+        yield GaugeMetricFamily("click_counter_pending", "Clicks and impressions not yet in PostgreSQL "
+                                "(as the flusher last counted).", value=pending)
+        last = status.get("last_flush_at")
+        lag = GaugeMetricFamily("click_counter_flush_lag_seconds", "Seconds since the last successful flush.")
+        if last:
+            lag.add_metric([], time.time() - last)
+        yield lag
+        duration = GaugeMetricFamily("click_counter_flush_duration_seconds", "Duration of the last flush cycle.")
+        if status.get("last_duration") is not None:
+            duration.add_metric([], status["last_duration"])
+        yield duration
+        yield GaugeMetricFamily("click_counter_segments", "Segment files in shared memory.",
+                                value=status.get("segments", 0))
+        yield GaugeMetricFamily("click_counter_segments_live", "Segments still owned by a live process.",
+                                value=status.get("live_segments", 0))
+        pid = status.get("pid")
+        up = bool(pid) and segment.process_start_time(pid) is not None
+        yield GaugeMetricFamily("click_counter_flusher_up", "1 while the flusher process lives.", value=int(up))
+        error_at = status.get("last_error_at")
+        yield GaugeMetricFamily("click_counter_database_up", "1 if the flusher's last database contact worked.",
+                                value=int(bool(last) and (error_at is None or last > error_at)))
+
+
+def exposition(shm_dir):
+    """(content type, body) of the Prometheus text format."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatusCollector(shm_dir))
+    return CONTENT_TYPE_LATEST, generate_latest(registry)

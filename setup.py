@@ -19,7 +19,8 @@ setup(
         # does not build on current Pythons, so it goes in without its pins.
     ],
     extras_require={
-        "test": ["pytest>=8", "requests>=2.31"],
+        "test": ["pytest>=8", "requests>=2.31", "jsonschema>=4", "openapi-spec-validator>=0.7",
+                 "schemathesis>=4", "locust>=2.20"],
         "load": ["locust>=2.20"],
     },
     entry_points={"console_scripts": ["counter = cli.main:main"]},

@@ -7,6 +7,7 @@ Every error, on every route, is rendered by ``_serialize_error`` as
 """
 
 import datetime
+import hmac
 import json
 import logging
 import time
@@ -15,7 +16,8 @@ import uuid
 
 import falcon
 
-from counter import campaigns, health, impressions, metrics, stats_request, storage, worker_stats
+from counter import (campaigns, health, impressions, metrics, openapi, stats_request, storage,
+                     worker_stats)
 
 log = logging.getLogger("counter.app")
 
@@ -94,6 +96,8 @@ class MissingBannerResource:
 
 
 class StatsResource:
+    guarded = True
+
     def __init__(self, database):
         self._database = database
 
@@ -145,6 +149,8 @@ def _campaign_id(text):
 
 
 class CampaignsResource:
+    guarded = True
+
     def __init__(self, database, cache):
         self._database = database
         self._cache = cache
@@ -164,6 +170,8 @@ class CampaignsResource:
 
 
 class CampaignResource:
+    guarded = True
+
     def __init__(self, database):
         self._database = database
 
@@ -178,6 +186,8 @@ class CampaignResource:
 
 
 class CampaignStatsResource:
+    guarded = True
+
     def __init__(self, database):
         self._database = database
 
@@ -242,6 +252,30 @@ class HeartbeatResource:
         resp.media = {"status": "ok"}
 
 
+class TokenGuard:
+    """With STATS_TOKEN set, resources marked `guarded` (stats, campaigns)
+    need `Authorization: Bearer <token>`; clicks and impressions stay open."""
+
+    def __init__(self, token: str):
+        self._expected = f"Bearer {token}".encode()
+
+    def process_resource(self, req, resp, resource, params):
+        if not getattr(resource, "guarded", False):
+            return
+        given = (req.get_header("Authorization") or "").encode()
+        if not hmac.compare_digest(given, self._expected):
+            raise falcon.HTTPUnauthorized(description="a valid bearer token is required",
+                                          challenges=["Bearer"])
+
+
+class OpenApiResource:
+    def __init__(self):
+        self._body = json.dumps(openapi.document()).encode()
+
+    def on_get(self, req, resp):
+        resp.content_type, resp.data = falcon.MEDIA_JSON, self._body
+
+
 class MetricsResource:
     def __init__(self, shm_dir):
         self._shm_dir = shm_dir
@@ -250,10 +284,16 @@ class MetricsResource:
         resp.content_type, resp.data = metrics.exposition(self._shm_dir)
 
 
+# Paths that exist only to answer "banner id is missing" (400) instead of 404.
+ERROR_ONLY_ROUTES = [prefix + end for prefix in ("/counter", "/v1/banners/counter", "/stats",
+                                                 "/v1/banners/stats") for end in ("", "/")]
+
+
 def create_app(settings, clicks, database, views=None, stats=None) -> falcon.App:
     """views: the worker's ImpressionLog, stats: its WorkerStats (both are made
     in settings.shm_dir when not given)."""
-    app = falcon.App(media_type=falcon.MEDIA_JSON)
+    guard = [TokenGuard(settings.stats_token)] if settings.stats_token else []
+    app = falcon.App(media_type=falcon.MEDIA_JSON, middleware=guard)
     app.req_options.strip_url_path_trailing_slash = False
     app.set_error_serializer(_serialize_error)
     app.add_error_handler(Exception, _unexpected_error)
@@ -262,13 +302,12 @@ def create_app(settings, clicks, database, views=None, stats=None) -> falcon.App
         stats = worker_stats.WorkerStats(settings.shm_dir)
     app.add_route("/counter/{banner_id}", ClickResource(clicks, falcon.HTTP_200, stats))
     app.add_route("/v1/banners/counter/{banner_id}", ClickResource(clicks, falcon.HTTP_204, stats))
-    stats = StatsResource(database)
-    app.add_route("/stats/{banner_id}", stats)
-    app.add_route("/v1/banners/stats/{banner_id}", stats)
+    banner_stats = StatsResource(database)
+    app.add_route("/stats/{banner_id}", banner_stats)
+    app.add_route("/v1/banners/stats/{banner_id}", banner_stats)
     missing = MissingBannerResource()
-    for prefix in ("/counter", "/v1/banners/counter", "/stats", "/v1/banners/stats"):
-        app.add_route(prefix, missing)
-        app.add_route(prefix + "/", missing)
+    for path in ERROR_ONLY_ROUTES:
+        app.add_route(path, missing)
     if views is None:
         views = impressions.ImpressionLog(settings.shm_dir, settings.impression_slots,
                                           settings.shm_max_bytes)
@@ -280,5 +319,6 @@ def create_app(settings, clicks, database, views=None, stats=None) -> falcon.App
                   ImpressionResource(views, cache, database, stats, settings.user_hash_key))
     app.add_route("/health", HealthResource(settings.shm_dir))
     app.add_route("/metrics", MetricsResource(settings.shm_dir))
+    app.add_route("/openapi.json", OpenApiResource())
     app.add_route("/v1/healthcheck", HeartbeatResource())
     return app

@@ -33,6 +33,7 @@ class Settings:
     dedup_ttl: float
     impression_slots: int
     user_hash_key: Optional[bytes]
+    stats_token: Optional[str]
 
     @property
     def port(self) -> int:
@@ -55,6 +56,7 @@ DOCUMENTED = {
     "DEDUP_TTL": ("3600", "seconds a user's impression of a campaign is counted once"),
     "IMPRESSION_SLOTS": ("16384", "impressions one worker log holds before it rolls over (40 bytes each)"),
     "USER_HASH_KEY": ("(unset)", "hex key for hashing user ids; unset: one is made and kept in the database"),
+    "STATS_TOKEN": ("(unset)", "bearer token required by the stats and campaign routes; unset: open"),
 }
 
 _BIND = re.compile(r"^(?P<host>[^\s:]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
@@ -121,6 +123,10 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
         if len(key) < 16:
             raise ConfigError("USER_HASH_KEY must be at least 16 bytes (32 hex digits)")
 
+    token = env.get("STATS_TOKEN", "").strip() or None
+    if token is not None and (len(token) < 16 or not token.isprintable() or " " in token):
+        raise ConfigError("STATS_TOKEN must be at least 16 printable characters without spaces")
+
     return Settings(
         database_url=database_url,
         flush_interval=_number(env, "FLUSH_INTERVAL", 1.0, float, 0.05, 3600),
@@ -136,4 +142,5 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
         dedup_ttl=_number(env, "DEDUP_TTL", 3600.0, float, 1, 366 * 86400),
         impression_slots=impression_slots,
         user_hash_key=key,
+        stats_token=token,
     )

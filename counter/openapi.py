@@ -1,0 +1,169 @@
+"""The OpenAPI 3 description of every route (served at /openapi.json).
+
+Kept as data beside the routes; tests check that every route of the app is
+here and that real answers match these schemas."""
+
+MAX_ID = 2**63 - 1
+
+
+def _error(description):
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _json(ref, description):
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+
+
+BANNER = {"name": "bannerID", "in": "path", "required": True,
+          "schema": {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+          "description": "Decimal banner id from 1 to 2^63-1; anything else is a 400."}
+CAMPAIGN = {"name": "campaign_id", "in": "path", "required": True,
+            "schema": {"type": "string", "format": "uuid"}}
+GUARDED = [{}, {"bearer": []}]  # open unless STATS_TOKEN is set
+
+_ANSWERS = {
+    "400": _error("Bad request: the message says what to fix."),
+    "401": _error("STATS_TOKEN is set and the bearer token is missing or wrong."),
+    "413": _error("The body is larger than 64 KiB."),
+    "503": _error("Memory bound reached or database unavailable; see Retry-After."),
+}
+
+
+def _click(status, description):
+    answers = {status: {"description": description}}
+    answers.update({k: _ANSWERS[k] for k in ("400", "503")})
+    operation = {"parameters": [BANNER], "responses": answers, "summary": "Count one click now."}
+    return {"get": dict(operation, operationId=f"click_get_{status}"),
+            "post": dict(operation, operationId=f"click_post_{status}")}
+
+
+def _stats(name):
+    answers = {"200": _json("StatsAnswer", "Clicks per bucket, oldest first.")}
+    answers.update({k: _ANSWERS[k] for k in ("400", "401", "503")})
+    query = [BANNER] + [
+        {"name": "from", "in": "query", "required": True, "schema": {"type": "string"},
+         "description": "ISO-8601; no offset means UTC."},
+        {"name": "to", "in": "query", "required": True, "schema": {"type": "string"}},
+        {"name": "granularity", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": ["minute", "hour", "day"]}},
+    ]
+    posted = dict(answers, **{"413": _ANSWERS["413"]})
+    return {
+        "get": {"operationId": f"{name}_get", "summary": "Statistics of a time range.",
+                "security": GUARDED, "parameters": query, "responses": answers},
+        "post": {"operationId": f"{name}_post", "summary": "Statistics of a time range.",
+                 "security": GUARDED, "parameters": [BANNER],
+                 "requestBody": {"required": True, "content": {"application/json": {
+                     "schema": {"$ref": "#/components/schemas/StatsRequest"}}}},
+                 "responses": posted},
+    }
+
+
+def document() -> dict:
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "click-counter", "version": "1.0.0",
+                 "description": "Counts ad banner clicks and unique campaign impressions."},
+        "paths": {
+            "/counter/{bannerID}": _click("200", "Counted."),
+            "/v1/banners/counter/{bannerID}": _click("204", "Counted."),
+            "/stats/{bannerID}": _stats("stats"),
+            "/v1/banners/stats/{bannerID}": _stats("legacy_stats"),
+            "/health": {"get": {"operationId": "health", "summary": "Liveness and details.",
+                                "responses": {"200": _json("Health", "Serving.")}}},
+            "/v1/healthcheck": {"get": {"operationId": "healthcheck", "summary": "Liveness.",
+                                        "responses": {"200": _json("Heartbeat", "Serving.")}}},
+            "/metrics": {"get": {"operationId": "metrics", "summary": "Prometheus text exposition.",
+                                 "responses": {"200": {"description": "Metrics.", "content": {
+                                     "text/plain": {"schema": {"type": "string"}}}}}}},
+            "/openapi.json": {"get": {"operationId": "openapi", "summary": "This document.",
+                                      "responses": {"200": {"description": "OpenAPI 3.", "content": {
+                                          "application/json": {"schema": {"type": "object"}}}}}}},
+            "/api/v1/campaigns": {"post": {
+                "operationId": "create_campaign", "summary": "Register a campaign.",
+                "security": GUARDED,
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/NewCampaign"}}}},
+                "responses": {"201": _json("Campaign", "Registered."),
+                              **{k: _ANSWERS[k] for k in ("400", "401", "413", "503")}}}},
+            "/api/v1/campaigns/{campaign_id}": {"get": {
+                "operationId": "get_campaign", "summary": "One campaign.", "security": GUARDED,
+                "parameters": [CAMPAIGN],
+                "responses": {"200": _json("Campaign", "The campaign."), "404": _error("No such campaign."),
+                              **{k: _ANSWERS[k] for k in ("401", "503")}}}},
+            "/api/v1/campaigns/{campaign_id}/stats": {"get": {
+                "operationId": "campaign_stats", "summary": "Unique impressions.",
+                "security": GUARDED, "parameters": [CAMPAIGN],
+                "responses": {"200": _json("CampaignStats", "Unique impressions."),
+                              "404": _error("No such campaign."),
+                              **{k: _ANSWERS[k] for k in ("401", "503")}}}},
+            "/api/v1/impressions": {"post": {
+                "operationId": "track_impression", "summary": "Track an impression.",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/Impression"}}}},
+                "responses": {"202": {"description": "Accepted."},
+                              "404": _error("No such campaign."),
+                              "409": _error("The campaign has not started."),
+                              **{k: _ANSWERS[k] for k in ("400", "413", "503")}}}},
+        },
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": SCHEMAS,
+        },
+    }
+
+
+_TIME = {"type": "string", "format": "date-time"}
+_ID = {"oneOf": [{"type": "string", "minLength": 1}, {"type": "integer"}]}
+
+SCHEMAS = {
+    "Error": {"type": "object", "required": ["error", "code"], "additionalProperties": False,
+              "properties": {"error": {"type": "string", "minLength": 1},
+                             "code": {"type": "integer", "minimum": 400, "maximum": 599}}},
+    "StatsRequest": {"type": "object", "properties": {
+        "from": {"type": "string"}, "to": {"type": "string"},
+        "tsFrom": {"type": "string"}, "tsTo": {"type": "string"},
+        "granularity": {"type": "string", "enum": ["minute", "hour", "day"]}}},
+    "StatsAnswer": {"type": "object", "additionalProperties": False,
+                    "required": ["bannerID", "from", "to", "granularity", "total", "stats"],
+                    "properties": {
+                        "bannerID": {"type": "integer", "minimum": 1},
+                        "from": _TIME, "to": _TIME,
+                        "granularity": {"type": "string", "enum": ["minute", "hour", "day"]},
+                        "total": {"type": "integer", "minimum": 0},
+                        "stats": {"type": "array", "items": {
+                            "type": "object", "required": ["ts", "v"], "additionalProperties": False,
+                            "properties": {"ts": _TIME, "v": {"type": "integer", "minimum": 1}}}}}},
+    "Health": {"type": "object", "required": ["status", "database", "flusher", "pending"],
+               "properties": {
+                   "status": {"type": "string", "enum": ["ok", "degraded"]},
+                   "database": {"type": "object", "required": ["reachable"],
+                                "properties": {"reachable": {"type": "boolean"},
+                                               "error": {"type": "string"}}},
+                   "flusher": {"type": "object", "required": ["alive", "lag_seconds"], "properties": {
+                       "pid": {"type": "integer", "nullable": True},
+                       "alive": {"type": "boolean"},
+                       "lag_seconds": {"type": "number", "nullable": True},
+                       "last_flush_at": {"type": "number", "nullable": True},
+                       "last_error": {"type": "string", "nullable": True},
+                       "last_error_at": {"type": "number", "nullable": True}}},
+                   "pending": {"type": "integer", "minimum": 0}}},
+    "Heartbeat": {"type": "object", "required": ["status"],
+                  "properties": {"status": {"type": "string", "enum": ["ok"]}}},
+    "NewCampaign": {"type": "object", "required": ["name", "start_time"], "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 200},
+        "start_time": _TIME}},
+    "Campaign": {"type": "object", "required": ["id", "name", "start_time"], "additionalProperties": False,
+                 "properties": {"id": {"type": "string", "format": "uuid"},
+                                "name": {"type": "string"}, "start_time": _TIME}},
+    "CampaignStats": {"type": "object", "additionalProperties": False,
+                      "required": ["campaign_id", "last_hour", "last_day", "total"],
+                      "properties": {"campaign_id": {"type": "string", "format": "uuid"},
+                                     "last_hour": {"type": "integer", "minimum": 0},
+                                     "last_day": {"type": "integer", "minimum": 0},
+                                     "total": {"type": "integer", "minimum": 0}}},
+    "Impression": {"type": "object", "required": ["campaign_id", "user_id", "ad_id"], "properties": {
+        "campaign_id": {"type": "string", "format": "uuid"}, "user_id": _ID, "ad_id": _ID}},
+}

@@ -53,6 +53,6 @@ def parse(text: str, tz, now: datetime.datetime) -> datetime.datetime:
 def show(ts: datetime.datetime, tz) -> str:
     """A timestamp for output: ISO-8601 in `tz` (Z for UTC)."""
     local = ts.astimezone(tz)
-    if local.utcoffset() == datetime.timedelta(0) and tz is datetime.timezone.utc:
-        return local.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if tz is datetime.timezone.utc:
+        return local.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
     return local.isoformat(timespec="seconds")

@@ -31,6 +31,8 @@ def _required_text(fields, name):
         raise BadRequest(f"'{name}' is required (a non-empty string)")
     if len(value) > MAX_NAME:
         raise BadRequest(f"'{name}' is longer than {MAX_NAME} characters")
+    if any(ord(c) < 32 for c in value):
+        raise BadRequest(f"'{name}' must not hold control characters")
     return value
 
 

@@ -43,9 +43,9 @@ def _stats(name):
     answers = {"200": _json("StatsAnswer", "Clicks per bucket, oldest first.")}
     answers.update({k: _ANSWERS[k] for k in ("400", "401", "503")})
     query = [BANNER] + [
-        {"name": "from", "in": "query", "required": True, "schema": {"type": "string"},
+        {"name": "from", "in": "query", "required": True, "schema": _TIME,
          "description": "ISO-8601; no offset means UTC."},
-        {"name": "to", "in": "query", "required": True, "schema": {"type": "string"}},
+        {"name": "to", "in": "query", "required": True, "schema": _TIME},
         {"name": "granularity", "in": "query", "required": False,
          "schema": {"type": "string", "enum": ["minute", "hour", "day"]}},
     ]
@@ -116,16 +116,17 @@ def document() -> dict:
 
 
 _TIME = {"type": "string", "format": "date-time"}
-_ID = {"oneOf": [{"type": "string", "minLength": 1}, {"type": "integer"}]}
+_TEXT = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\x00-\\x1f]*\\S[^\\x00-\\x1f]*$"}
+_ID = {"oneOf": [_TEXT, {"type": "integer"}]}
 
 SCHEMAS = {
     "Error": {"type": "object", "required": ["error", "code"], "additionalProperties": False,
               "properties": {"error": {"type": "string", "minLength": 1},
                              "code": {"type": "integer", "minimum": 400, "maximum": 599}}},
-    "StatsRequest": {"type": "object", "properties": {
-        "from": {"type": "string"}, "to": {"type": "string"},
-        "tsFrom": {"type": "string"}, "tsTo": {"type": "string"},
-        "granularity": {"type": "string", "enum": ["minute", "hour", "day"]}}},
+    "StatsRequest": {"type": "object",
+                     "anyOf": [{"required": ["from", "to"]}, {"required": ["tsFrom", "tsTo"]}],
+                     "properties": {"from": _TIME, "to": _TIME, "tsFrom": _TIME, "tsTo": _TIME,
+                                    "granularity": {"type": "string", "enum": ["minute", "hour", "day"]}}},
     "StatsAnswer": {"type": "object", "additionalProperties": False,
                     "required": ["bannerID", "from", "to", "granularity", "total", "stats"],
                     "properties": {
@@ -153,8 +154,7 @@ SCHEMAS = {
     "Heartbeat": {"type": "object", "required": ["status"],
                   "properties": {"status": {"type": "string", "enum": ["ok"]}}},
     "NewCampaign": {"type": "object", "required": ["name", "start_time"], "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 200},
-        "start_time": _TIME}},
+        "name": _TEXT, "start_time": dict(_TIME, description="Must be in the future.")}},
     "Campaign": {"type": "object", "required": ["id", "name", "start_time"], "additionalProperties": False,
                  "properties": {"id": {"type": "string", "format": "uuid"},
                                 "name": {"type": "string"}, "start_time": _TIME}},

@@ -41,9 +41,9 @@ def timestamp(value, name: str) -> datetime.datetime:
 
 
 def format_time(ts: datetime.datetime) -> str:
-    ts = ts.astimezone(datetime.timezone.utc)
-    pattern = "%Y-%m-%dT%H:%M:%S.%fZ" if ts.microsecond else "%Y-%m-%dT%H:%M:%SZ"
-    return ts.strftime(pattern)
+    """RFC 3339 in UTC with a Z (isoformat: strftime does not zero-pad years < 1000)."""
+    ts = ts.astimezone(datetime.timezone.utc).replace(tzinfo=None)
+    return ts.isoformat(timespec="microseconds" if ts.microsecond else "seconds") + "Z"
 
 
 @dataclasses.dataclass(frozen=True)

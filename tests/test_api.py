@@ -152,6 +152,12 @@ def test_stats_buckets_overlapping_the_range_edges_count(stats_rows):
     assert [s["ts"] for s in r.json["stats"]] == ["2024-01-01T10:05:00Z", "2024-01-01T11:59:00Z"]
 
 
+def test_early_years_are_zero_padded(env):
+    r = env.simulate_post("/stats/1", json={"from": "0230-05-04T01:00:00Z", "to": "0230-05-05T01:00:00Z",
+                                            "granularity": "day"})
+    assert r.status_code == 200 and r.json["from"] == "0230-05-04T01:00:00Z"
+
+
 def test_stats_of_an_unknown_banner_is_empty(stats_rows):
     r = stats_rows.simulate_post("/stats/999", json={"from": "2024-01-01", "to": "2024-01-02"})
     assert r.status_code == 200 and r.json["total"] == 0 and r.json["stats"] == []

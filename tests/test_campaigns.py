@@ -90,6 +90,7 @@ def test_create_and_get_a_campaign(api):
     ({"name": "x"}, "start_time"),
     ({"name": "x", "start_time": "next week"}, "ISO-8601"),
     ({"name": ["x"], "start_time": iso(NOW + datetime.timedelta(days=1))}, "'name'"),
+    ({"name": "k\x00", "start_time": iso(NOW + datetime.timedelta(days=1))}, "control characters"),
     ([1], "JSON object"),
 ])
 def test_bad_campaigns_are_400(api, body, fragment):

@@ -81,7 +81,7 @@ def flusher(parent_pid):
 
 @main.group()
 def db():
-    """Database schema: migrate, status."""
+    """Database schema and retention: migrate, status, prune."""
 
 
 @db.command()
@@ -119,6 +119,30 @@ def status():
             click.echo(f"{version:04d}_{name}  {state}")
     finally:
         conn.close()
+
+
+@db.command()
+@click.option("--before", required=True, help="Delete minute rows older than this. "
+              "ISO-8601, or e.g. -90d.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def prune(before, yes):
+    """Delete click and campaign rows older than --before (retention).
+
+    \b
+    Example:
+      counter db prune --before -90d --yes
+    """
+    try:
+        cutoff = times.parse(before, datetime.timezone.utc, datetime.datetime.now(datetime.timezone.utc))
+    except click.BadParameter as exc:
+        raise click.BadParameter(str(exc), param_hint="--before")
+    counts = _query(storage.prune, cutoff, True)
+    click.echo(f"rows before {times.show(cutoff, datetime.timezone.utc)}: "
+               + ", ".join(f"{table} {n}" for table, n in counts.items()))
+    if not yes and not click.confirm("delete them?", default=False):
+        raise click.ClickException("nothing deleted")
+    counts = _query(storage.prune, cutoff)
+    click.echo("deleted: " + ", ".join(f"{table} {n}" for table, n in counts.items()))
 
 
 # -- reading statistics ----------------------------------------------------------

@@ -348,3 +348,18 @@ def user_hash_key(conn) -> bytes:
                     " ON CONFLICT (name) DO NOTHING", (psycopg2.Binary(secrets.token_bytes(32)),))
         cur.execute("SELECT value FROM service_secrets WHERE name = 'user_hash_key'")
         return bytes(cur.fetchone()[0])
+
+
+def prune(conn, before, dry_run=False):
+    """Delete click and campaign minute rows older than `before` (retention).
+    Returns {table: rows}; with dry_run, counts them only."""
+    counted = {}
+    with conn, conn.cursor() as cur:
+        for table in ("clicks", "campaign_impressions"):
+            if dry_run:
+                cur.execute(f"SELECT count(*) FROM {table} WHERE ts < %s", (before,))
+                counted[table] = cur.fetchone()[0]
+            else:
+                cur.execute(f"DELETE FROM {table} WHERE ts < %s", (before,))
+                counted[table] = cur.rowcount
+    return counted

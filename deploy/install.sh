@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install click-counter and everything it needs into a virtualenv, from the
 # package registries alone.   usage: deploy/install.sh [--dev]
-#   --dev   also the test tools            env: VENV (.venv), PYTHON (python3)
+#   --dev   also the test tools            env: VENV (.venv), PYTHON (python3),
+#                                          INSTALL_MODE (editable | regular)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${VENV:-.venv}
@@ -12,7 +13,11 @@ if [ "${1:-}" = "--dev" ]; then extras="[test]"; fi
 "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 "${pip[@]}" install -U pip setuptools wheel
-"${pip[@]}" install -e ".$extras"
+if [ "${INSTALL_MODE:-editable}" = regular ]; then
+    "${pip[@]}" install ".$extras"
+else
+    "${pip[@]}" install -e ".$extras"
+fi
 
 # meinheld pins greenlet<0.5, which does not build on Python 3.11+: install a
 # current greenlet, then meinheld without its pins. It does not import on

@@ -115,6 +115,8 @@ def _worker(base_url, requests, deadline, tally):
             continue
         answered = time.time()
         mine.statuses[response.status] += 1
+        if response.status in (502, 504):  # a proxy lost the upstream's answer: maybe counted
+            mine.unanswered_by[banner] += 1
         if response.status == 503 and not response.getheader("Retry-After"):
             mine.no_retry_after += 1
         if 200 <= response.status < 300:

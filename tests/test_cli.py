@@ -259,3 +259,15 @@ def test_export_to_a_file_from_a_terminal_shows_a_progress_bar(known, tmp_path):
     assert proc.returncode == 0, seen
     assert b"exporting" in seen and b"100%" in seen
     assert len(target.read_text().splitlines()) == 1 + len(ROWS)
+
+
+def test_db_prune_deletes_only_older_rows(known):
+    result = run(["db", "prune", "--before", "2024-01-01T12:00:00Z", "--yes"], known)
+    assert result.exit_code == 0, result.output
+    assert "clicks 4" in result.output and "deleted: clicks 4" in result.output
+    remaining = query(known["DATABASE_URL"], "SELECT banner_id, count FROM clicks ORDER BY ts, banner_id")
+    assert remaining == [(7, 50), (5, 8)]
+    kept = CliRunner().invoke(main, ["db", "prune", "--before", "2030-01-01"], env=known, input="n\n")
+    assert kept.exit_code == 1 and "nothing deleted" in kept.output
+    assert len(query(known["DATABASE_URL"], "SELECT * FROM clicks")) == 2
+    assert run(["db", "prune", "--before", "whenever"], known).exit_code == 2

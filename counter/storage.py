@@ -111,16 +111,13 @@ def write_flush(conn, rows, segment_seqs, retired=(), impressions=(), dedup_ttl=
     segments = sorted(segment_seqs)
     with conn, conn.cursor() as cur:
         if keys:
+            banners, minutes = zip(*keys)
             cur.execute(
                 "INSERT INTO clicks (banner_id, ts, count)"
                 " SELECT b, to_timestamp(m * 60), c"
                 " FROM unnest(%s::bigint[], %s::bigint[], %s::bigint[]) AS u(b, m, c)"
                 " ON CONFLICT (banner_id, ts) DO UPDATE SET count = clicks.count + EXCLUDED.count",
-                (
-                    _array(k[0] for k in keys),
-                    _array(k[1] for k in keys),
-                    _array(rows[k] for k in keys),
-                ),
+                (_array(banners), _array(minutes), _array(map(rows.__getitem__, keys))),
             )
         if impressions:
             _count_unique_impressions(cur, impressions, dedup_ttl)

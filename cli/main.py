@@ -48,15 +48,26 @@ def main():
 @main.command()
 @click.option("--bind", help="HOST:PORT to listen on (env BIND, default 127.0.0.1:8000).")
 @click.option("--workers", type=int, help="Worker processes (env WORKERS, default: CPUs).")
-def serve(bind, workers):
-    """Run the whole service: gunicorn workers, the flusher, and (when
+@click.option("--server", type=click.Choice(["auto", "gunicorn", "granian"]),
+              help="Serving stack (env SERVER, default auto: gunicorn + meinheld, or granian "
+                   "where meinheld does not import).")
+def serve(bind, workers, server):
+    """Run the whole service: the web workers, the flusher, and (when
     DATABASE_URL is unset) an embedded PostgreSQL.
 
     \b
-    Example:
+    Examples:
       DATABASE_URL=postgresql://user:pw@db/clicks counter serve --bind 0.0.0.0:8000
+      counter serve --server granian --workers 2
     """
-    _settings(BIND=bind, WORKERS=workers)
+    from counter import service
+
+    settings = _settings(BIND=bind, WORKERS=workers, SERVER=server)
+    service.setup_logging(settings.log_level)
+    if service.choose_server(settings) == "granian":
+        from counter import granian_serve
+
+        sys.exit(granian_serve.run(settings))
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:counter.gunicorn_config"]
     os.execv(sys.executable, argv)
 

@@ -34,6 +34,7 @@ class Settings:
     impression_slots: int
     user_hash_key: Optional[bytes]
     stats_token: Optional[str]
+    server: str
 
     @property
     def port(self) -> int:
@@ -50,6 +51,7 @@ DOCUMENTED = {
     "SHM_DIR": ("/dev/shm/click-counter-<port>", "segment files (tmpfs); one directory per node"),
     "SEGMENT_SLOTS": ("16384", "distinct banners one worker segment holds (32 bytes each)"),
     "SHM_MAX_BYTES": ("268435456", "cap on all segment files; past it new banners get 503"),
+    "SERVER": ("auto", "gunicorn (with meinheld) or granian; auto = gunicorn when meinheld imports, else granian"),
     "WORKER_CLASS": ("auto", "gunicorn worker class; auto = meinheld when importable"),
     "GRACEFUL_TIMEOUT": ("30", "seconds SIGTERM waits for workers and the final flush"),
     "LOG_LEVEL": ("info", "debug, info, warning or error"),
@@ -127,6 +129,10 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
     if token is not None and (len(token) < 16 or not token.isprintable() or " " in token):
         raise ConfigError("STATS_TOKEN must be at least 16 printable characters without spaces")
 
+    server = (env.get("SERVER", "").strip() or "auto").lower()
+    if server not in ("auto", "gunicorn", "granian"):
+        raise ConfigError(f"SERVER={server!r} must be auto, gunicorn or granian")
+
     return Settings(
         database_url=database_url,
         flush_interval=_number(env, "FLUSH_INTERVAL", 1.0, float, 0.05, 3600),
@@ -143,4 +149,5 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
         impression_slots=impression_slots,
         user_hash_key=key,
         stats_token=token,
+        server=server,
     )

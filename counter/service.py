@@ -4,6 +4,7 @@ gunicorn.conf.py (and counter serve, through counter.gunicorn_config) call
 these from gunicorn's hooks; each does one thing.
 """
 
+import importlib.util
 import logging
 import os
 import sys
@@ -91,5 +92,24 @@ def shutdown(settings):
     """After the workers are gone: the flusher's final flush, then the embedded database."""
     if _flusher is not None:
         _flusher.stop(timeout=settings.graceful_timeout)
+    shutdown_database()
+
+
+def shutdown_database():
     if _embedded is not None:
         _embedded.stop()
+
+
+def choose_server(settings) -> str:
+    """gunicorn + meinheld when meinheld imports; else granian (fast, and one
+    thread per worker is easy there) when it imports; else gunicorn's sync
+    worker. An explicit SERVER is kept."""
+    if settings.server != "auto":
+        return settings.server
+    if worker.MEINHELD_IMPORT_ERROR is None:
+        return "gunicorn"
+    if importlib.util.find_spec("granian") is None:
+        return "gunicorn"  # worker_class() warns about the sync worker
+    log.warning("meinheld cannot be imported (%s); serving with granian instead",
+                worker.MEINHELD_IMPORT_ERROR)
+    return "granian"

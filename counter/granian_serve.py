@@ -6,8 +6,9 @@ depend on them).
                               --spawns, watches, restarts--> flusher
 
 Each granian worker runs the app on one blocking thread, so every segment
-still has one writer. SIGTERM/SIGINT: granian stops first (in-flight requests
-finish), then the flusher flushes until no segment has a live owner, then the
+still has one writer. If granian itself exits (it does when a
+worker dies twice within 5.5 s), it is started again. SIGTERM/SIGINT: granian
+stops first (in-flight requests finish), then the flusher flushes until no segment has a live owner, then the
 embedded database stops. If this supervisor is killed, granian gets SIGTERM
 from the kernel (PR_SET_PDEATHSIG) and the flusher sees its parent gone.
 """
@@ -19,12 +20,14 @@ import select
 import signal
 import subprocess
 import sys
+import time
 
 from counter import service, supervisor, worker
 
 log = logging.getLogger("counter.granian")
 
 _PR_SET_PDEATHSIG = 1
+MAX_RESTARTS_PER_MINUTE = 10
 
 
 def _die_with_parent():
@@ -60,23 +63,38 @@ def run(settings) -> int:
         signal.signal(signum, request_stop)
 
     worker.raise_fd_limit(16384)  # inherited by granian and its workers
-    server = subprocess.Popen(granian_command(settings), preexec_fn=_die_with_parent)
-    server_fd = os.pidfd_open(server.pid)
-    log.info("granian started (pid: %s) on %s with %d workers", server.pid, settings.bind,
-             settings.workers)
+
+    def start_granian():
+        process = subprocess.Popen(granian_command(settings), preexec_fn=_die_with_parent)
+        log.info("granian started (pid: %s) on %s with %d workers", process.pid, settings.bind,
+                 settings.workers)
+        return process, os.pidfd_open(process.pid)
+
+    server, server_fd = start_granian()
     flusher = supervisor.FlusherSupervisor(supervisor.flusher_command(os.getpid()), log)
     flusher.start()
 
     code = 0
+    restarts = []  # granian exits on its own when a worker dies twice within 5.5 s
     while stop["signal"] is None:
         try:
             ready, _, _ = select.select([server_fd], [], [], 0.5)
         except InterruptedError:
             continue
-        if ready:
-            log.error("granian exited unexpectedly (status %s); stopping", server.wait())
+        if not ready:
+            continue
+        status = server.wait()
+        os.close(server_fd)
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 60] + [now]
+        if len(restarts) > MAX_RESTARTS_PER_MINUTE:
+            log.error("granian keeps exiting (status %s); giving up", status)
             code = 1
+            server_fd = None
             break
+        log.error("granian exited unexpectedly (status %s); starting it again", status)
+        time.sleep(0.5)
+        server, server_fd = start_granian()
     if server.poll() is None:
         log.info("stopping granian")
         server.send_signal(signal.SIGTERM)
@@ -85,7 +103,8 @@ def run(settings) -> int:
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    os.close(server_fd)
+    if server_fd is not None:
+        os.close(server_fd)
     if not flusher.stop(timeout=settings.graceful_timeout):
         code = code or 1
     service.shutdown_database()

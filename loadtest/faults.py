@@ -3,6 +3,7 @@
     python -m loadtest.faults --mode full     # >= 1,000,000 clicks, PostgreSQL down 60 s
     python -m loadtest.faults --mode ci       # every scenario, shorter
     python -m loadtest.faults --only pg_down  # one scenario
+    python -m loadtest.faults --server granian  # on the second serving stack
 
 Each scenario starts the real service (gunicorn master, meinheld workers,
 flusher) against a real PostgreSQL of its own (embedded, so it can be stopped
@@ -53,8 +54,9 @@ class Load:
 
 
 class Suite:
-    def __init__(self, mode, workdir):
+    def __init__(self, mode, workdir, server="gunicorn"):
         self.mode = MODES[mode]
+        self.server = server
         self.workdir = workdir
         self.pg = embedded.EmbeddedPostgres(os.path.join(workdir, "pg"))
         self.url = self.pg.start()
@@ -70,7 +72,8 @@ class Suite:
         shm_dir = shm_dir or tempfile.mkdtemp(prefix="cc-faults-", dir="/dev/shm")
         base = {"FLUSH_INTERVAL": "0.2", "GRACEFUL_TIMEOUT": "90", "LOG_LEVEL": "warning"}
         base.update(env)
-        service = Service(self.url, shm_dir, self.workdir, workers=2, extra_env=base).start()
+        service = Service(self.url, shm_dir, self.workdir, workers=2, extra_env=base,
+                          server=self.server).start()
         self.services.append(service)
         return service
 
@@ -156,7 +159,8 @@ class Suite:
         gone = self.wait_gone(tree)
         # the same address (the load goes on) and the same shared-memory directory
         again = Service(self.url, service.shm_dir, self.workdir, workers=2, port=service.port,
-                        extra_env={"FLUSH_INTERVAL": "0.2", "LOG_LEVEL": "warning"})
+                        extra_env={"FLUSH_INTERVAL": "0.2", "LOG_LEVEL": "warning"},
+                        server=self.server)
         again.start()
         self.services.append(again)
         tally = load.finish()
@@ -253,11 +257,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=sorted(MODES), default="ci")
     parser.add_argument("--only", choices=SCENARIOS, action="append")
+    parser.add_argument("--server", choices=["gunicorn", "granian"], default="gunicorn")
     args = parser.parse_args()
     failures = 0
     totals = {"acknowledged": 0, "stored": 0, "lost": 0, "duplicated": 0}
     with tempfile.TemporaryDirectory(prefix="cc-faults-") as workdir:
-        suite = Suite(args.mode, workdir)
+        suite = Suite(args.mode, workdir, args.server)
+        print(f"serving stack: {args.server}, mode: {args.mode}")
         try:
             print(f"{'scenario':<16} {'acknowledged':>12} {'stored':>9} {'lost':>5} {'dup':>4} "
                   f"{'unanswered':>10} {'refused':>8} {'secs':>5}  checks", flush=True)

@@ -11,9 +11,10 @@ from conftest import ROOT
 
 
 @pytest.mark.service
-def test_every_fault_scenario_loses_and_duplicates_nothing():
-    done = subprocess.run([sys.executable, "-m", "loadtest.faults", "--mode", "ci"], cwd=str(ROOT),
-                          capture_output=True, text=True, timeout=1200)
+@pytest.mark.parametrize("server", ["gunicorn", "granian"])
+def test_every_fault_scenario_loses_and_duplicates_nothing(server):
+    done = subprocess.run([sys.executable, "-m", "loadtest.faults", "--mode", "ci", "--server", server],
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=1200)
     print(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "8 passed, 0 failed" in done.stdout

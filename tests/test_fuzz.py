@@ -16,11 +16,11 @@ CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,re
 
 
 @pytest.mark.service
-def test_fuzzing_finds_no_server_error_and_no_schema_violation(database_url, service_factory, tmp_path):
-    service = service_factory(database_url, workers=1)
+def test_fuzzing_finds_no_server_error_and_no_schema_violation(database_url, service_factory, tmp_path, stack):
+    service = service_factory(database_url, workers=1, server=stack)
     command = [sys.executable, "-m", "schemathesis.cli", "run", f"{service.url}/openapi.json",
                "--checks", CHECKS, "-n", os.environ.get("FUZZ_EXAMPLES", "25"),
-               "--max-time", os.environ.get("FUZZ_SECONDS", "90"), "--no-color", "--seed", "1",
+               "--max-time", os.environ.get("FUZZ_SECONDS", "60"), "--no-color", "--seed", "1",
                "--report-dir", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=str(tmp_path), timeout=1200)
     print(done.stdout[-4000:])

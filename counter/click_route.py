@@ -8,11 +8,8 @@ app, which renders every error, so answers stay identical either way.
 """
 
 MAX_BANNER_ID = 2**63 - 1
-
-_ROUTES = (
-    ("/counter/", "200 OK", [("Content-Length", "0"), ("Content-Type", "application/json")]),
-    ("/v1/banners/counter/", "204 No Content", []),
-)
+_OK = ("200 OK", [("Content-Length", "0"), ("Content-Type", "application/json")])
+_NO_CONTENT = ("204 No Content", [])
 
 
 class ClickRoute:
@@ -22,19 +19,21 @@ class ClickRoute:
 
     def __call__(self, environ, start_response):
         path = environ["PATH_INFO"]
-        for prefix, status, headers in _ROUTES:
-            if path.startswith(prefix):
-                banner = path[len(prefix):]
-                # 19 digits or fewer: longer ids (leading zeros) go the long way
-                if (len(banner) < 20 and banner.isdigit() and banner.isascii()
-                        and environ["REQUEST_METHOD"] in ("GET", "POST")):
-                    value = int(banner)
-                    try:  # free in 3.11 when nothing is raised
-                        counted = 0 < value <= MAX_BANNER_ID and self._add(value)
-                    except Exception:  # noqa: BLE001 -- Falcon renders it as a JSON 500
-                        counted = False
-                    if counted:
-                        start_response(status, headers)
-                        return []
-                break
+        if path.startswith("/counter/"):
+            banner, answer = path[9:], _OK
+        elif path.startswith("/v1/banners/counter/"):
+            banner, answer = path[20:], _NO_CONTENT
+        else:
+            return self._app(environ, start_response)
+        # 19 digits or fewer: longer ids (leading zeros) go the long way
+        if (len(banner) < 20 and banner.isdigit() and banner.isascii()
+                and environ["REQUEST_METHOD"] in ("GET", "POST")):
+            value = int(banner)
+            try:  # free in 3.11 when nothing is raised
+                counted = 0 < value <= MAX_BANNER_ID and self._add(value)
+            except Exception:  # noqa: BLE001 -- Falcon renders it as a JSON 500
+                counted = False
+            if counted:
+                start_response(*answer)
+                return []
         return self._app(environ, start_response)

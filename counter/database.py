@@ -32,9 +32,5 @@ class Database:
         return storage.describe_error(exc, self.url)
 
     def close(self):
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except storage.DatabaseError:
-                pass
-            self._conn = None
+        storage.close_quietly(self._conn)
+        self._conn = None

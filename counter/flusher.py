@@ -200,11 +200,7 @@ class Flusher:
         return self._conn
 
     def _drop_connection(self):
-        if self._conn is not None:
-            try:
-                self._conn.close()
-            except storage.DatabaseError:
-                pass
+        storage.close_quietly(self._conn)
         self._conn = None
 
     def close(self):

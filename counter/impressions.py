@@ -40,17 +40,11 @@ def _raw(high: int, low: int) -> bytes:
     return high.to_bytes(8, "little", signed=True) + low.to_bytes(8, "little", signed=True)
 
 
-class ImpressionLog:
+class ImpressionLog(segment.Writer):
     """The worker side: appends impressions to this process's current log."""
 
     def __init__(self, directory, slots: int, max_bytes: int, clock=time.time):
-        self.directory = str(directory)
-        self.slots = slots
-        self.max_bytes = max_bytes
-        self.clock = clock
-        self.path = None
-        self._segment = None
-        self._words = None
+        super().__init__(directory, slots, max_bytes, clock)
         self._used = 0
 
     def append(self, campaign_id: uuid.UUID, hashed_user: bytes) -> bool:
@@ -75,17 +69,9 @@ class ImpressionLog:
             log = segment.create(self.directory, int(self.clock() // 60), self.slots, IMPRESSIONS)
         except OSError:
             return False
-        self.close()
-        self._segment, self.path, self._words = log, log.path, log.words
+        self._switch_to(log)
         self._used = 0
         return True
-
-    def close(self):
-        """Seal the current log: the flusher drains it once more and removes it."""
-        if self._segment is None:
-            return
-        self._segment.seal()
-        self._segment = self.path = self._words = None
 
 
 class ImpressionLogFile(segment.MappedSegment):

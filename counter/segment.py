@@ -134,12 +134,9 @@ def create(directory, minute: int, slots: int, kind: Kind = CLICKS) -> Owned:
     return owned
 
 
-class SegmentWriter:
-    """The worker side: counts clicks into this process's current segment.
-
-    Only the owning worker's single thread may call ``add`` (one writer per
-    field; ``words[i] += 1`` is a read, an add and a store, not atomic).
-    """
+class Writer:
+    """What a worker-side writer of any kind holds: its current segment
+    (`_segment`, with `path` and `_words`) and the bounds it works within."""
 
     def __init__(self, directory, slots: int, max_bytes: int, clock=time.time):
         self.directory = str(directory)
@@ -149,6 +146,28 @@ class SegmentWriter:
         self.path = None
         self._segment = None
         self._words = None
+
+    def _switch_to(self, segment: "Owned"):
+        """Seal the current segment (if any) and make `segment` current."""
+        self.close()
+        self._segment, self.path, self._words = segment, segment.path, segment.words
+
+    def close(self):
+        """Seal the current segment: the flusher drains it once more and removes it."""
+        if self._segment is not None:
+            self._segment.seal()
+            self._segment = self.path = self._words = None
+
+
+class SegmentWriter(Writer):
+    """The worker side: counts clicks into this process's current segment.
+
+    Only the owning worker's single thread may call ``add`` (one writer per
+    field; ``words[i] += 1`` is a read, an add and a store, not atomic).
+    """
+
+    def __init__(self, directory, slots: int, max_bytes: int, clock=time.time):
+        super().__init__(directory, slots, max_bytes, clock)
         self._index = {}  # banner id -> word index of its count
         self._used = 0
         self._minute_start = 0.0
@@ -197,8 +216,7 @@ class SegmentWriter:
             if self._words is not None and self._words[MINUTE] != minute:
                 self.close()  # its minute is over; nothing may count into it now
             return False
-        self.close()
-        self._segment, self.path, self._words = segment, segment.path, segment.words
+        self._switch_to(segment)
         self._index = {}
         self._used = 0
         self._minute_start = minute * 60.0
@@ -206,11 +224,7 @@ class SegmentWriter:
         return True
 
     def close(self):
-        """Seal the current segment: the flusher drains it once more and removes it."""
-        if self._segment is None:
-            return
-        self._segment.seal()
-        self._segment = self.path = self._words = None
+        super().close()
         self._index = {}
         self._minute_start = self._minute_end = 0.0
 

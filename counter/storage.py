@@ -43,6 +43,15 @@ def connect(url: str, application_name: str = "click-counter", statement_timeout
     )
 
 
+def close_quietly(conn):
+    """Close a connection that may already be broken."""
+    if conn is not None:
+        try:
+            conn.close()
+        except psycopg2.Error:
+            pass
+
+
 def _migrations():
     folder = importlib.resources.files("counter") / "migrations"
     found = []

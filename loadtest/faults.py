@@ -97,12 +97,7 @@ class Suite:
 
     def stop_all(self):
         for service in self.services:
-            if service.proc.poll() is None:
-                try:
-                    service.terminate(timeout=120)
-                except subprocess.TimeoutExpired:
-                    pass
-            service.kill_all()
+            service.stop(timeout=120)
         self.services.clear()
 
     @staticmethod
@@ -114,16 +109,21 @@ class Suite:
 
     # -- scenarios ------------------------------------------------------------------
 
+    def _kill_repeatedly(self, victims, times=5):
+        """`times` times during the load, SIGKILL one of victims() (if any)."""
+        kills = 0
+        for _ in range(times):
+            time.sleep(self.mode["seconds"] / (times + 1))
+            pids = victims()
+            if pids:
+                os.kill(random.choice(pids), signal.SIGKILL)
+                kills += 1
+        return kills
+
     def worker_kills(self):
         service = self.service()
         load = self.load(service)
-        kills = 0
-        for _ in range(5):
-            time.sleep(self.mode["seconds"] / 6)
-            workers = service.worker_pids()
-            if workers:
-                os.kill(random.choice(workers), signal.SIGKILL)
-                kills += 1
+        kills = self._kill_repeatedly(service.worker_pids)
         tally = load.finish()
         checks = {"master survived": service.proc.poll() is None, "workers killed": kills}
         return tally, self.verdict(load, tally), checks
@@ -133,13 +133,7 @@ class Suite:
         service = self.service(COUNTER_TEST_FAULT="before_commit:0.1,after_commit:0.1",
                                FLUSH_INTERVAL="0.1")
         load = self.load(service)
-        kills = 0
-        for _ in range(5):
-            time.sleep(self.mode["seconds"] / 6)
-            pid = service.flusher_pid()
-            if pid:
-                os.kill(pid, signal.SIGKILL)
-                kills += 1
+        kills = self._kill_repeatedly(lambda: [p for p in [service.flusher_pid()] if p])
         tally = load.finish()
         self_kills = service.log().count("died; restarting it")
         checks = {"external kills": kills, "restarts seen": self_kills}

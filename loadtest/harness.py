@@ -150,6 +150,15 @@ class Service:
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
+    def stop(self, timeout=40):
+        """SIGTERM if it still runs; then SIGKILL whatever of it is left."""
+        if self.proc.poll() is None:
+            try:
+                self.terminate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill_all()
+
     def kill_all(self):
         """SIGKILL every process this test started (by pid) that still lives."""
         self._remember_children()

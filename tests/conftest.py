@@ -8,7 +8,6 @@ for the whole session. Each test gets a database of its own.
 import os
 import pathlib
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -107,12 +106,7 @@ def service_factory(tmp_path):
 
     yield start
     for service in started:
-        if service.proc.poll() is None:
-            try:
-                service.terminate(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        service.kill_all()
+        service.stop(timeout=30)
     for shm_dir in made:
         shutil.rmtree(shm_dir, ignore_errors=True)
 

@@ -35,3 +35,17 @@ def test_the_meinheld_worker_leaves_gunicorns_logger_alone():
     assert Logger.error is before
     log.error("Worker (pid:%s) was sent SIGKILL!", 123)  # raised TypeError with meinheld's patch
     assert w is not None
+
+
+def test_without_meinheld_granian_is_preferred_and_the_log_says_why(monkeypatch, caplog):
+    monkeypatch.setattr(worker, "MEINHELD_IMPORT_ERROR", ImportError("undefined symbol: Py_TRASHCAN_SAFE_BEGIN"))
+    with caplog.at_level(logging.WARNING, logger="counter.service"):
+        assert service.choose_server(config.load({})) == "granian"
+    assert "serving with granian instead" in caplog.text and "Py_TRASHCAN_SAFE_BEGIN" in caplog.text
+
+
+def test_with_meinheld_gunicorn_is_the_default_and_an_explicit_choice_is_kept():
+    if worker.MEINHELD_IMPORT_ERROR is None:
+        assert service.choose_server(config.load({})) == "gunicorn"
+    assert service.choose_server(config.load({"SERVER": "granian"})) == "granian"
+    assert service.choose_server(config.load({"SERVER": "gunicorn"})) == "gunicorn"

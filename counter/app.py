@@ -257,13 +257,14 @@ class TokenGuard:
     need `Authorization: Bearer <token>`; clicks and impressions stay open."""
 
     def __init__(self, token: str):
-        self._expected = f"Bearer {token}".encode()
+        self._expected = token.encode()
 
     def process_resource(self, req, resp, resource, params):
         if not getattr(resource, "guarded", False):
             return
-        given = (req.get_header("Authorization") or "").encode()
-        if not hmac.compare_digest(given, self._expected):
+        scheme, _, given = (req.get_header("Authorization") or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode("utf-8", "surrogateescape"), self._expected):
             raise falcon.HTTPUnauthorized(description="a valid bearer token is required",
                                           challenges=["Bearer"])
 

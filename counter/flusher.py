@@ -56,7 +56,7 @@ class Flusher:
         conn = self._connection()
         try:
             self._register(conn)
-            self._settle(conn)
+            confirmed = self._settle(conn)
             finished = {s.path for s in self.segments.values() if s.finished()}
             rows, views, seqs, staged = self._stage()
             retired = list(self.retired_ids)
@@ -73,8 +73,8 @@ class Flusher:
         removed = self._retire(finished)
         return {
             "rows": len(rows),
-            "clicks": sum(rows.values()),
-            "impressions": len(views),
+            "clicks": sum(rows.values()) + confirmed["clicks"],
+            "impressions": len(views) + confirmed["impressions"],
             "segments": len(self.segments),
             "retired": removed,
             "live_segments": len(self.segments) - (len(finished) - removed),
@@ -90,21 +90,27 @@ class Flusher:
             storage.register_segments(conn, new)
             self._registered.update(new)
 
-    def _settle(self, conn):
+    def _settle(self, conn) -> dict:
+        """Decide every unsettled segment; return the clicks and impressions
+        it found committed (for the running totals)."""
+        confirmed = {"clicks": 0, "impressions": 0}
         unsettled = [s for s in self.segments.values() if not s.settled]
         if not unsettled:
-            return
+            return confirmed
         # FOR UPDATE: if our previous connection's COMMIT is still being
         # processed by the server, this waits for it instead of reading the
         # old sequence and dropping values that are about to be committed.
         committed = storage.committed_seqs(conn, [s.id for s in unsettled])
         for seg in unsettled:
             if committed.get(seg.id, -1) >= seg.words[segment.PENDING_SEQ]:
+                kind = "impressions" if isinstance(seg, impressions.ImpressionLogFile) else "clicks"
+                confirmed[kind] += seg.pending_total()
                 seg.commit_pending()
                 log.info("settled segment=%s outcome=committed", seg.id)
             else:
                 seg.discard_pending()
                 log.info("settled segment=%s outcome=not_committed", seg.id)
+        return confirmed
 
     def _stage(self):
         rows = collections.defaultdict(int)
@@ -235,7 +241,7 @@ class Flusher:
                     unflushed = self.unflushed()  # the database is away: time to spare
                     log.error("flush failed attempt=%d retry_in=%.1fs unflushed=%d error=%r",
                               failures, delay, unflushed, message)
-                    status.failed(message, unflushed)
+                    status.failed(message, unflushed, self._rejections(status.totals))
                     if stopping:
                         if stop.deadline_passed():
                             log.error("giving up at shutdown; %d clicks stay in %s for the next start",
@@ -343,7 +349,9 @@ class StatusFile:
         self.state = {"pid": os.getpid(), "started_at": time.time(), "last_flush_at": None,
                       "last_error": None, "last_error_at": None, "unflushed": 0,
                       "last_duration": None, "segments": 0, "live_segments": 0,
-                      "totals": self.totals}
+                      "totals": self.totals,
+                      # live workers' refusals as last read: a counter must not dip
+                      "live_rejections": previous.get("live_rejections", {})}
 
     def flushed(self, result, duration, live_rejections):
         """After a successful cycle. live_rejections: refusals counted by live
@@ -357,9 +365,10 @@ class StatusFile:
                           live_rejections=live_rejections)
         self._write()
 
-    def failed(self, message, unflushed):
+    def failed(self, message, unflushed, live_rejections):
         self.totals["flush_failures"] += 1
-        self.state.update(last_error=message, last_error_at=time.time(), unflushed=unflushed)
+        self.state.update(last_error=message, last_error_at=time.time(), unflushed=unflushed,
+                          live_rejections=live_rejections)
         self._write()
 
     def _write(self):

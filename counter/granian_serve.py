@@ -28,11 +28,12 @@ log = logging.getLogger("counter.granian")
 
 _PR_SET_PDEATHSIG = 1
 MAX_RESTARTS_PER_MINUTE = 10
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the forked child
 
 
 def _die_with_parent():
     """In the child before exec: SIGTERM when the supervisor dies."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def granian_command(settings):
@@ -51,26 +52,51 @@ def granian_command(settings):
             "counter.wsgi:application"]
 
 
+class Granian:
+    """granian's process group: its main process and the workers it forks.
+    Stopping signals the whole group, so that no worker outlives a killed
+    main process (they do not watch their parent)."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.process = subprocess.Popen(granian_command(settings), preexec_fn=_die_with_parent,
+                                        process_group=0)
+        self.pidfd = os.pidfd_open(self.process.pid)
+        log.info("granian started (pid: %s) on %s with %d workers", self.process.pid,
+                 settings.bind, settings.workers)
+
+    def stop(self):
+        """SIGTERM to the group; SIGKILL to what is left once granian's own
+        worker kill timeout has had its turn."""
+        self._signal_group(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=self.settings.graceful_timeout + 5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._signal_group(signal.SIGKILL)
+        self.process.wait()
+        os.close(self.pidfd)
+
+    def _signal_group(self, signum):
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def run(settings) -> int:
-    service.setup_logging(settings.log_level)
-    service.prepare(settings)
     stop = {"signal": None}
 
     def request_stop(signum, frame):
         stop["signal"] = signum
 
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(signum, request_stop)
-
+    service.setup_logging(settings.log_level)
+    service.prepare(settings)
     worker.raise_fd_limit(16384)  # inherited by granian and its workers
 
-    def start_granian():
-        process = subprocess.Popen(granian_command(settings), preexec_fn=_die_with_parent)
-        log.info("granian started (pid: %s) on %s with %d workers", process.pid, settings.bind,
-                 settings.workers)
-        return process, os.pidfd_open(process.pid)
-
-    server, server_fd = start_granian()
+    server = Granian(settings)
     flusher = supervisor.FlusherSupervisor(supervisor.flusher_command(os.getpid()), log)
     flusher.start()
 
@@ -78,33 +104,25 @@ def run(settings) -> int:
     restarts = []  # granian exits on its own when a worker dies twice within 5.5 s
     while stop["signal"] is None:
         try:
-            ready, _, _ = select.select([server_fd], [], [], 0.5)
+            ready, _, _ = select.select([server.pidfd], [], [], 0.5)
         except InterruptedError:
             continue
-        if not ready:
+        if not ready or stop["signal"] is not None:
             continue
-        status = server.wait()
-        os.close(server_fd)
+        status = server.process.wait()
+        server.stop()  # its workers too, should any have outlived it
         now = time.monotonic()
         restarts = [t for t in restarts if now - t < 60] + [now]
         if len(restarts) > MAX_RESTARTS_PER_MINUTE:
             log.error("granian keeps exiting (status %s); giving up", status)
-            code = 1
-            server_fd = None
+            code, server = 1, None
             break
         log.error("granian exited unexpectedly (status %s); starting it again", status)
         time.sleep(0.5)
-        server, server_fd = start_granian()
-    if server.poll() is None:
+        server = Granian(settings)
+    if server is not None:
         log.info("stopping granian")
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=settings.graceful_timeout)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    if server_fd is not None:
-        os.close(server_fd)
+        server.stop()
     if not flusher.stop(timeout=settings.graceful_timeout):
         code = code or 1
     service.shutdown_database()

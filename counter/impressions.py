@@ -104,6 +104,9 @@ class ImpressionLogFile(segment.MappedSegment):
         digest = hashlib.blake2b(f"{self.id}/{index}".encode(), digest_size=8).digest()
         return int.from_bytes(digest, "little") >> 1
 
+    def pending_total(self) -> int:
+        return self.words[segment.PENDING_USED] - self.words[FLUSHED_USED]
+
     def commit_pending(self):
         self.words[FLUSHED_USED] = self.words[segment.PENDING_USED]
         self.words[segment.FLUSHED_SEQ] = self.words[segment.PENDING_SEQ]

@@ -304,6 +304,13 @@ class SegmentFile(MappedSegment):
             w[PENDING_SEQ] = w[FLUSHED_SEQ] + 1
         return deltas
 
+    def pending_total(self) -> int:
+        """Clicks staged as pending and not yet flushed."""
+        w = self.words
+        end = HEADER_WORDS + RECORD_WORDS * w[PENDING_USED]
+        return sum(w[first + PENDING] - w[first + FLUSHED]
+                   for first in range(HEADER_WORDS, end, RECORD_WORDS))
+
     def commit_pending(self):
         """The pending values are in the database: make them the flushed ones."""
         w = self.words

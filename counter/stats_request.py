@@ -82,7 +82,7 @@ def stats_query(banner: int, fields: dict) -> StatsQuery:
     if not start < end:
         raise BadRequest("'from' must be before 'to'")
     granularity = fields.get("granularity") or "minute"
-    if granularity not in storage.GRANULARITIES:
+    if not isinstance(granularity, str) or granularity not in storage.GRANULARITIES:
         raise BadRequest("'granularity' must be one of: minute, hour, day")
     buckets = storage.bucket_count(start, end, granularity)
     if buckets > MAX_BUCKETS:
@@ -102,3 +102,5 @@ def parse_json(body: bytes):
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"the body is not valid JSON: {exc}")
+    except RecursionError:
+        raise BadRequest("the body is nested too deeply")

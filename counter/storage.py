@@ -159,7 +159,7 @@ def _count_unique_impressions(cur, impressions, ttl):
     queues = {}
     for impression_id, campaign, user, micros in sorted(impressions, key=lambda r: r[3]):
         queues.setdefault((str(campaign), bytes(user)), []).append((micros, impression_id))
-    ttl_micros = int(ttl * 1_000_000)
+    ttl_micros = round(ttl * 1_000_000)
     counted = {}
     while queues:
         keys = sorted(queues)

@@ -115,6 +115,8 @@ class FlusherSupervisor:
                 pass
         _exited(pidfd, 5)
         _reap(pidfd)
+        if self._thread is not None:
+            self._thread.join(timeout=2)  # it may be in select() on this pidfd
         os.close(pidfd)
         self._pidfd = None
         return clean

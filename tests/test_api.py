@@ -181,6 +181,8 @@ def test_stats_of_an_unknown_banner_is_empty(stats_rows):
     (b'{"from": "0001-01-01T00:00:00+01:00", "to": "2024-01-02"}', "ISO-8601"),
     (b'{"from": "2024-01-01", "to": "9999-12-31T23:59:59"}', "between the years"),
     (b'\xff\xfe', "not valid JSON"),
+    (b"[" * 60000, "nested too deeply"),
+    (b'{"from": "2024-01-01", "to": "2024-01-02", "granularity": ["x"]}', "granularity"),
 ])
 def test_bad_stats_requests_are_400_with_a_clear_message(env, body, fragment):
     r = env.simulate_post("/stats/1", body=body, headers={"content-type": "application/json"})

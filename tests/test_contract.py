@@ -134,6 +134,8 @@ def test_the_stats_token_guards_reads_and_admin_routes_only(tmp_path, database_u
     assert wrong.status_code == 401
     ok = client.simulate_post("/stats/1", json=body, headers={"Authorization": f"Bearer {TOKEN}"})
     assert ok.status_code == 200
+    lower = client.simulate_post("/stats/1", json=body, headers={"Authorization": f"bearer {TOKEN}"})
+    assert lower.status_code == 200  # the scheme is case-insensitive (RFC 7235)
     future = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(days=1)).isoformat()
     assert client.simulate_post("/api/v1/campaigns", json={"name": "c", "start_time": future}).status_code == 401
     assert client.simulate_get(f"/api/v1/campaigns/{uuid.uuid4()}").status_code == 401

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import clicks_by_banner, wait_until
 from loadtest import audit, clicker
-from loadtest.harness import alive
+from loadtest.harness import alive, children, cmdline
 
 pytestmark = pytest.mark.service
 
@@ -168,3 +168,21 @@ def test_several_threads_per_worker_are_refused(database_url, service_factory):
     with pytest.raises(RuntimeError) as failure:
         service_factory(database_url, workers=1, extra_env={"GUNICORN_CMD_ARGS": "--threads 4"})
     assert "one thread per worker is required" in str(failure.value)
+
+
+def test_granians_main_process_killed_leaves_no_orphan_workers(database_url, service_factory):
+    service = service_factory(database_url, workers=2, server="granian")
+    (main,) = [p for p in children(service.master_pid) if "-m granian" in cmdline(p)]
+    old_workers = service.worker_pids()
+    tally = clicker.Tally()
+    load = threading.Thread(target=clicker.drive, args=(service.url, 10**8),
+                            kwargs=dict(banners=100, connections=8, seconds=6, tally=tally))
+    load.start()
+    time.sleep(1.5)
+    os.kill(main, signal.SIGKILL)
+    load.join()
+    # the supervisor killed the old group (its workers do not watch their parent) and started anew
+    assert wait_until(lambda: not [p for p in old_workers if alive(p)], timeout=15)
+    assert wait_until(lambda: len(service.worker_pids()) == 2, timeout=15)
+    assert clicker.drive(service.url, 50, banners=5, connections=2, tally=tally).statuses[200] >= 50
+    assert_exact(database_url, tally)

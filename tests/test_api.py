@@ -236,7 +236,7 @@ def test_health_reports_database_flusher_and_lag_from_the_flusher(env):
 def test_health_shows_a_failing_database_without_secrets(tmp_path):
     from counter.flusher import StatusFile
 
-    StatusFile(tmp_path).failed("could not connect to server", 12)
+    StatusFile(tmp_path).failed("could not connect to server", 12, {})
     settings = config.load({"DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})
     client = falcon.testing.TestClient(create_app(settings, segment.SegmentWriter(tmp_path, 16, 1 << 20),
                                                   database.Database(settings.database_url)))

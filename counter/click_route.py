@@ -7,7 +7,8 @@ routes, bad ids, other methods, and a full memory (503) -- goes to the Falcon
 app, which renders every error, so answers stay identical either way.
 """
 
-MAX_BANNER_ID = 2**63 - 1
+from counter.stats_request import MAX_BANNER_ID
+
 _OK = ("200 OK", [("Content-Length", "0"), ("Content-Type", "application/json")])
 _NO_CONTENT = ("204 No Content", [])
 

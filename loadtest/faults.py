@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,12 +65,15 @@ class Suite:
         storage.migrate(conn)
         conn.close()
         self.services = []
+        self.shm_dirs = []  # made here; removed when the suite ends
         self.next_banner = 1
 
     # -- helpers ------------------------------------------------------------------
 
     def service(self, shm_dir=None, **env):
-        shm_dir = shm_dir or tempfile.mkdtemp(prefix="cc-faults-", dir="/dev/shm")
+        if shm_dir is None:
+            shm_dir = tempfile.mkdtemp(prefix="cc-faults-", dir="/dev/shm")
+            self.shm_dirs.append(shm_dir)
         base = {"FLUSH_INTERVAL": "0.2", "GRACEFUL_TIMEOUT": "90", "LOG_LEVEL": "warning"}
         base.update(env)
         service = Service(self.url, shm_dir, self.workdir, workers=2, extra_env=base,
@@ -278,6 +282,8 @@ def main():
         finally:
             suite.stop_all()
             suite.pg.stop(mode="immediate")
+            for shm_dir in suite.shm_dirs:
+                shutil.rmtree(shm_dir, ignore_errors=True)
     print(f"{'all':<16} {totals['acknowledged']:>12} {totals['stored']:>9} {totals['lost']:>5} "
           f"{totals['duplicated']:>4}")
     print(f"{len(args.only or SCENARIOS) - failures} passed, {failures} failed")

@@ -4,6 +4,7 @@ Settings come from the environment (see README, "Configuration"); options
 given here override them for this run.
 """
 
+import contextlib
 import datetime
 import json
 import os
@@ -33,11 +34,27 @@ def _database_url(settings):
     return settings.database_url
 
 
-def _connect(url):
+@contextlib.contextmanager
+def _database(failure="database error"):
+    """A connection to DATABASE_URL; any database error ends the command with
+    one line (password masked)."""
+    url = _database_url(_settings())
     try:
-        return storage.connect(url)
+        conn = storage.connect(url)
     except storage.DatabaseError as exc:
         raise click.ClickException(f"cannot reach the database: {storage.describe_error(exc, url)}")
+    try:
+        yield conn
+    except storage.DatabaseError as exc:
+        raise click.ClickException(f"{failure}: {storage.describe_error(exc, url)}")
+    finally:
+        conn.close()
+
+
+def _query(fn, *args):
+    """Run one storage function on a fresh connection."""
+    with _database() as conn:
+        return fn(conn, *args)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -103,14 +120,8 @@ def migrate():
     Example:
       DATABASE_URL=postgresql://localhost/clicks counter db migrate
     """
-    url = _database_url(_settings())
-    conn = _connect(url)
-    try:
+    with _database("migration failed") as conn:
         applied = storage.migrate(conn)
-    except storage.DatabaseError as exc:
-        raise click.ClickException(f"migration failed: {storage.describe_error(exc, url)}")
-    finally:
-        conn.close()
     click.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
 
 
@@ -122,14 +133,9 @@ def status():
     Example:
       counter db status
     """
-    url = _database_url(_settings())
-    conn = _connect(url)
-    try:
-        for version, name, applied_at in storage.migration_status(conn):
-            state = f"applied {applied_at:%Y-%m-%d %H:%M:%S}" if applied_at else "pending"
-            click.echo(f"{version:04d}_{name}  {state}")
-    finally:
-        conn.close()
+    for version, name, applied_at in _query(storage.migration_status):
+        state = f"applied {applied_at:%Y-%m-%d %H:%M:%S}" if applied_at else "pending"
+        click.echo(f"{version:04d}_{name}  {state}")
 
 
 @db.command()
@@ -176,18 +182,6 @@ def _range(start, end, tz_name):
     if not first < last:
         raise click.BadParameter("--from must be before --to", param_hint="--from")
     return first, last, tz
-
-
-def _query(fn, *args):
-    """Run one storage function on a fresh connection, with a one-line error."""
-    url = _database_url(_settings())
-    conn = _connect(url)
-    try:
-        return fn(conn, *args)
-    except storage.DatabaseError as exc:
-        raise click.ClickException(f"database error: {storage.describe_error(exc, url)}")
-    finally:
-        conn.close()
 
 
 def _banner_id(ctx, param, value):
@@ -268,9 +262,7 @@ def export(start, end, banners, granularity, fmt, path, tz):
       counter export --from 2024-01-01 --to 2024-02-01 --banner 42 --format ndjson | gzip > jan.ndjson.gz
     """
     first, last, zone = _range(start, end, tz)
-    url = _database_url(_settings())
-    conn = _connect(url)
-    try:
+    with _database() as conn:
         show_bar = path not in (None, "-") and sys.stderr.isatty()
         total = storage.export_size(conn, first, last, granularity, banners) if show_bar else 0
         rows = storage.export_rows(conn, first, last, granularity, banners)
@@ -280,10 +272,6 @@ def export(start, end, banners, granularity, fmt, path, tz):
                     written = output.write_rows(rows, fmt, out, zone, on_row=lambda: bar.update(1))
             else:
                 written = output.write_rows(rows, fmt, out, zone)
-    except storage.DatabaseError as exc:
-        raise click.ClickException(f"database error: {storage.describe_error(exc, url)}")
-    finally:
-        conn.close()
     if path not in (None, "-"):
         click.echo(f"wrote {written} rows to {path}", err=True)
 

@@ -3,7 +3,9 @@
 Dependencies come in as arguments: ``clicks`` has ``add(banner_id) -> bool``
 (a SegmentWriter in production), ``database`` has ``run(fn, *args)``.
 Every error, on every route, is rendered by ``_serialize_error`` as
-``{"error": "...", "code": status}``.
+``{"error": "...", "code": status}``; a BadRequest from the parsing modules
+becomes a 400 and a database error a 503 in one handler each, not in every
+responder.
 """
 
 import datetime
@@ -45,11 +47,16 @@ def _unexpected_error(req, resp, exc, params):
     raise falcon.HTTPInternalServerError(description="internal error")
 
 
-def _banner(text):
-    try:
-        return stats_request.banner_id(text)
-    except stats_request.BadRequest as exc:
-        raise _error(falcon.HTTPBadRequest, str(exc))
+def _bad_request(req, resp, exc, params):
+    raise _error(falcon.HTTPBadRequest, str(exc))
+
+
+def _database_unavailable(database):
+    def handler(req, resp, exc, params):
+        log.warning("database error on %s %s: %s", req.method, req.path, database.describe(exc))
+        raise _error(falcon.HTTPServiceUnavailable, "the database is unavailable", retry_after=5)
+
+    return handler
 
 
 def read_body(req) -> bytes:
@@ -74,7 +81,7 @@ class ClickResource:
         self._stats = stats
 
     def on_get(self, req, resp, banner_id):
-        if not self._add(_banner(banner_id)):
+        if not self._add(stats_request.banner_id(banner_id)):
             self._stats.add(worker_stats.REJECTED_CLICKS)
             raise _error(
                 falcon.HTTPServiceUnavailable,
@@ -102,43 +109,24 @@ class StatsResource:
         self._database = database
 
     def on_get(self, req, resp, banner_id):
-        banner = _banner(banner_id)
+        banner = stats_request.banner_id(banner_id)
         fields = dict(urllib.parse.parse_qsl(req.query_string, keep_blank_values=True))
         self._answer(resp, banner, fields)
 
     def on_post(self, req, resp, banner_id):
-        banner = _banner(banner_id)
-        try:
-            fields = stats_request.parse_json(read_body(req))
-        except stats_request.BadRequest as exc:
-            raise _error(falcon.HTTPBadRequest, str(exc))
-        self._answer(resp, banner, fields)
+        banner = stats_request.banner_id(banner_id)
+        self._answer(resp, banner, _json_body(req))
 
     def _answer(self, resp, banner, fields):
-        try:
-            query = stats_request.stats_query(banner, fields)
-        except stats_request.BadRequest as exc:
-            raise _error(falcon.HTTPBadRequest, str(exc))
-        try:
-            buckets = self._database.run(
-                storage.click_stats, query.banner_id, query.start, query.end, query.granularity
-            )
-        except storage.DatabaseError as exc:
-            log.warning("stats query failed: %s", self._database.describe(exc))
-            raise _error(falcon.HTTPServiceUnavailable, "the database is unavailable", retry_after=5)
+        query = stats_request.stats_query(banner, fields)
+        buckets = self._database.run(
+            storage.click_stats, query.banner_id, query.start, query.end, query.granularity
+        )
         resp.media = query.answer(buckets)
 
 
 def _json_body(req):
-    try:
-        return stats_request.parse_json(read_body(req))
-    except stats_request.BadRequest as exc:
-        raise _error(falcon.HTTPBadRequest, str(exc))
-
-
-def _database_unavailable(database, exc):
-    log.warning("database error: %s", database.describe(exc))
-    return _error(falcon.HTTPServiceUnavailable, "the database is unavailable", retry_after=5)
+    return stats_request.parse_json(read_body(req))
 
 
 def _campaign_id(text):
@@ -156,14 +144,8 @@ class CampaignsResource:
         self._cache = cache
 
     def on_post(self, req, resp):
-        try:
-            name, start = campaigns.new_campaign(_json_body(req), datetime.datetime.now(datetime.timezone.utc))
-        except campaigns.BadRequest as exc:
-            raise _error(falcon.HTTPBadRequest, str(exc))
-        try:
-            row = self._database.run(storage.create_campaign, uuid.uuid4(), name, start)
-        except storage.DatabaseError as exc:
-            raise _database_unavailable(self._database, exc)
+        name, start = campaigns.new_campaign(_json_body(req), datetime.datetime.now(datetime.timezone.utc))
+        row = self._database.run(storage.create_campaign, uuid.uuid4(), name, start)
         self._cache.remember(uuid.UUID(row[0]), row[2])
         resp.status = falcon.HTTP_201
         resp.media = campaigns.describe(row)
@@ -176,10 +158,7 @@ class CampaignResource:
         self._database = database
 
     def on_get(self, req, resp, campaign_id):
-        try:
-            row = self._database.run(storage.get_campaign, _campaign_id(campaign_id))
-        except storage.DatabaseError as exc:
-            raise _database_unavailable(self._database, exc)
+        row = self._database.run(storage.get_campaign, _campaign_id(campaign_id))
         if row is None:
             raise _error(falcon.HTTPNotFound, f"no campaign {campaign_id}")
         resp.media = campaigns.describe(row)
@@ -193,12 +172,9 @@ class CampaignStatsResource:
 
     def on_get(self, req, resp, campaign_id):
         key = _campaign_id(campaign_id)
-        try:
-            if self._database.run(storage.get_campaign, key) is None:
-                raise _error(falcon.HTTPNotFound, f"no campaign {campaign_id}")
-            last_hour, last_day, total = self._database.run(storage.campaign_stats, key)
-        except storage.DatabaseError as exc:
-            raise _database_unavailable(self._database, exc)
+        if self._database.run(storage.get_campaign, key) is None:
+            raise _error(falcon.HTTPNotFound, f"no campaign {campaign_id}")
+        last_hour, last_day, total = self._database.run(storage.campaign_stats, key)
         resp.media = {"campaign_id": str(key), "last_hour": last_hour, "last_day": last_day,
                       "total": total}
 
@@ -215,16 +191,10 @@ class ImpressionResource:
         self._key = key
 
     def on_post(self, req, resp):
-        try:
-            campaign_id, user_id = campaigns.impression(_json_body(req))
-        except campaigns.BadRequest as exc:
-            raise _error(falcon.HTTPBadRequest, str(exc))
-        try:
-            start = self._cache.start_time(campaign_id)
-            if self._key is None:
-                self._key = self._database.run(storage.user_hash_key)
-        except storage.DatabaseError as exc:
-            raise _database_unavailable(self._database, exc)
+        campaign_id, user_id = campaigns.impression(_json_body(req))
+        start = self._cache.start_time(campaign_id)
+        if self._key is None:
+            self._key = self._database.run(storage.user_hash_key)
         if start is None:
             raise _error(falcon.HTTPNotFound, f"no campaign {campaign_id}")
         if start > datetime.datetime.now(datetime.timezone.utc):
@@ -298,6 +268,8 @@ def create_app(settings, clicks, database, views=None, stats=None) -> falcon.App
     app.req_options.strip_url_path_trailing_slash = False
     app.set_error_serializer(_serialize_error)
     app.add_error_handler(Exception, _unexpected_error)
+    app.add_error_handler(stats_request.BadRequest, _bad_request)
+    app.add_error_handler(storage.DatabaseError, _database_unavailable(database))
 
     if stats is None:
         stats = worker_stats.WorkerStats(settings.shm_dir)

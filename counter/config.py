@@ -36,10 +36,6 @@ class Settings:
     stats_token: Optional[str]
     server: str
 
-    @property
-    def port(self) -> int:
-        return int(self.bind.rsplit(":", 1)[1])
-
 
 # name: (default, help) -- the README's configuration table is written from this.
 DOCUMENTED = {

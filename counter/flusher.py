@@ -378,6 +378,17 @@ class StatusFile:
         os.replace(temporary, self.path)
 
     @staticmethod
+    def flusher_alive(status) -> bool:
+        pid = status.get("pid")
+        return bool(pid) and segment.process_start_time(pid) is not None
+
+    @staticmethod
+    def database_reachable(status) -> bool:
+        """As the flusher last found it: its last flush came after its last error."""
+        last_ok, last_error = status.get("last_flush_at"), status.get("last_error_at")
+        return last_ok is not None and (last_error is None or last_ok > last_error)
+
+    @staticmethod
     def read(shm_dir):
         try:
             with open(os.path.join(str(shm_dir), STATUS_FILE)) as f:

@@ -92,8 +92,7 @@ def run(settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(signum, request_stop)
-    service.setup_logging(settings.log_level)
-    service.prepare(settings)
+    service.prepare(settings)  # logging was set up by `counter serve`
     worker.raise_fd_limit(16384)  # inherited by granian and its workers
 
     server = Granian(settings)

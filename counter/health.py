@@ -1,16 +1,14 @@
 """What /health reports, read from the flusher's status file: no database
 call and no scan of shared memory on a thread that also serves clicks."""
 
-from counter import segment
 from counter.flusher import StatusFile
 
 
 def report(shm_dir, now: float) -> dict:
     status = StatusFile.read(shm_dir) or {}
-    pid = status.get("pid")
-    alive = bool(pid) and segment.process_start_time(pid) is not None
+    alive = StatusFile.flusher_alive(status)
+    reachable = StatusFile.database_reachable(status)
     last_ok, last_error = status.get("last_flush_at"), status.get("last_error_at")
-    reachable = last_ok is not None and (last_error is None or last_ok > last_error)
     database = {"reachable": reachable}
     if not reachable and status.get("last_error"):
         database["error"] = status["last_error"]
@@ -18,7 +16,7 @@ def report(shm_dir, now: float) -> dict:
         "status": "ok" if alive and reachable else "degraded",
         "database": database,
         "flusher": {
-            "pid": pid,
+            "pid": status.get("pid"),
             "alive": alive,
             "lag_seconds": round(now - last_ok, 3) if last_ok else None,
             "last_flush_at": last_ok,

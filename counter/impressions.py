@@ -62,12 +62,8 @@ class ImpressionLog(segment.Writer):
         return True
 
     def _start_log(self) -> bool:
-        size = segment.file_size(self.slots, IMPRESSIONS.record_words)
-        try:
-            if segment.segment_bytes(self.directory) + size > self.max_bytes:
-                return False
-            log = segment.create(self.directory, int(self.clock() // 60), self.slots, IMPRESSIONS)
-        except OSError:
+        log = self._create(int(self.clock() // 60), IMPRESSIONS)
+        if log is None:
             return False
         self._switch_to(log)
         self._used = 0

@@ -8,7 +8,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from counter import segment
 from counter.flusher import StatusFile
 
 _COUNTERS = {  # status total -> (metric name, help)
@@ -56,12 +55,10 @@ class _StatusCollector:
                                 value=status.get("segments", 0))
         yield GaugeMetricFamily("click_counter_segments_live", "Segments still owned by a live process.",
                                 value=status.get("live_segments", 0))
-        pid = status.get("pid")
-        up = bool(pid) and segment.process_start_time(pid) is not None
-        yield GaugeMetricFamily("click_counter_flusher_up", "1 while the flusher process lives.", value=int(up))
-        error_at = status.get("last_error_at")
+        yield GaugeMetricFamily("click_counter_flusher_up", "1 while the flusher process lives.",
+                                value=int(StatusFile.flusher_alive(status)))
         yield GaugeMetricFamily("click_counter_database_up", "1 if the flusher's last database contact worked.",
-                                value=int(bool(last) and (error_at is None or last > error_at)))
+                                value=int(StatusFile.database_reachable(status)))
 
 
 def exposition(shm_dir):

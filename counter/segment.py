@@ -48,7 +48,6 @@ Kind = collections.namedtuple("Kind", "magic suffix record_words")
 CLICKS = Kind(0x31474553_4B434C43, ".seg", 4)  # "CLCKSEG1" in little-endian bytes
 SUFFIXES = (CLICKS.suffix, ".imp")  # every kind's suffix (impressions.py adds the second)
 
-MAGIC = CLICKS.magic
 RECORD_WORDS = CLICKS.record_words
 SUFFIX = CLICKS.suffix
 
@@ -147,6 +146,17 @@ class Writer:
         self._segment = None
         self._words = None
 
+    def _create(self, minute: int, kind: Kind):
+        """A new segment of `kind` owned by this process, or None when the
+        memory bound (SHM_MAX_BYTES over all segment files) or the tmpfs
+        leaves no room for it."""
+        try:
+            if segment_bytes(self.directory) + file_size(self.slots, kind.record_words) > self.max_bytes:
+                return None
+            return create(self.directory, minute, self.slots, kind)
+        except OSError:
+            return None
+
     def _switch_to(self, segment: "Owned"):
         """Seal the current segment (if any) and make `segment` current."""
         self.close()
@@ -207,11 +217,8 @@ class SegmentWriter(Writer):
         retry = time.monotonic()
         if retry < self._retry_at:
             return False
-        try:
-            if segment_bytes(self.directory) + file_size(self.slots) > self.max_bytes:
-                raise MemoryError
-            segment = create(self.directory, minute, self.slots)
-        except (MemoryError, OSError):
+        segment = self._create(minute, CLICKS)
+        if segment is None:
             self._retry_at = retry + 0.25
             if self._words is not None and self._words[MINUTE] != minute:
                 self.close()  # its minute is over; nothing may count into it now

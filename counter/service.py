@@ -1,7 +1,8 @@
-"""The service's life in the gunicorn master: start-up, the flusher, shutdown.
+"""The service's life around its web server: start-up, the flusher, shutdown.
 
 gunicorn.conf.py (and counter serve, through counter.gunicorn_config) call
-these from gunicorn's hooks; each does one thing.
+these from gunicorn's hooks; granian_serve calls prepare and
+shutdown_database around granian. Each does one thing.
 """
 
 import importlib.util

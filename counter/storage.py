@@ -5,8 +5,9 @@ import importlib.resources
 import math
 import re
 
+import secrets
+
 import psycopg2
-import psycopg2.extensions
 
 # Any fixed number; every node takes this advisory lock while migrating.
 _MIGRATION_LOCK = 0x636C6B73  # "clks"
@@ -243,19 +244,15 @@ def bucket_count(start: datetime.datetime, end: datetime.datetime, granularity: 
 def click_stats(conn, banner_id: int, start, end, granularity: str):
     """[(bucket start, clicks)] of the buckets overlapping [start, end) that
     have clicks, oldest first. A bucket that overlaps is counted whole."""
+    where, args = _range_filter(start, end, granularity, ())
     with conn, conn.cursor() as cur:
         cur.execute(
             "SELECT date_trunc(%s, ts, 'UTC') AS bucket, sum(count)::bigint"
-            " FROM clicks WHERE banner_id = %s AND ts >= %s AND ts < %s"
+            f" FROM clicks WHERE banner_id = %s AND {where}"
             " GROUP BY bucket ORDER BY bucket",
-            (granularity, banner_id, floor_time(start, granularity), ceil_time(end, granularity)),
+            [granularity, banner_id] + args,
         )
         return cur.fetchall()
-
-
-def ping(conn) -> None:
-    with conn, conn.cursor() as cur:
-        cur.execute("SELECT 1")
 
 
 def _range_filter(start, end, granularity, banner_ids):
@@ -347,8 +344,6 @@ def campaign_stats(conn, campaign_id):
 def user_hash_key(conn) -> bytes:
     """The key for hashing user ids: made once, kept in the database, so every
     node and restart hashes a user the same way."""
-    import secrets
-
     with conn, conn.cursor() as cur:
         cur.execute("INSERT INTO service_secrets (name, value) VALUES ('user_hash_key', %s)"
                     " ON CONFLICT (name) DO NOTHING", (psycopg2.Binary(secrets.token_bytes(32)),))

@@ -1,10 +1,6 @@
 """A worker's lazily opened, self-healing database connection."""
 
-import logging
-
 from counter import storage
-
-log = logging.getLogger("counter.database")
 
 
 class Database:

@@ -33,6 +33,7 @@ All values are aligned 8-byte words written through ``memoryview.cast('q')``,
 so a reader sees either the old or the new value, never a torn one.
 """
 
+import array
 import collections
 import fcntl
 import mmap
@@ -287,7 +288,18 @@ class MappedSegment:
 
 
 class SegmentFile(MappedSegment):
-    """The flusher side of a click segment."""
+    """The flusher side of a click segment.
+
+    Each record field is read or written as one column: a strided slice of
+    the word view (``_column``). Reading a column with ``tolist`` loads every
+    word whole, just as indexing does, at a fraction of the cost of a Python
+    loop over 100,000 records.
+    """
+
+    def _column(self, field: int, records: int) -> slice:
+        """The words of `field` in records [0, records)."""
+        start = HEADER_WORDS + field
+        return slice(start, start + RECORD_WORDS * records, RECORD_WORDS)
 
     def stage(self):
         """Record every record's current count as pending; return the deltas.
@@ -299,13 +311,13 @@ class SegmentFile(MappedSegment):
         """
         w = self.words
         used = w[USED]
-        deltas = {}
-        for first in range(HEADER_WORDS, HEADER_WORDS + RECORD_WORDS * used, RECORD_WORDS):
-            count = w[first + COUNT]
-            w[first + PENDING] = count
-            delta = count - w[first + FLUSHED]
-            if delta:
-                deltas[w[first + BANNER]] = delta
+        # One read of each count: the same snapshot becomes pending and gives the delta.
+        counts = w[self._column(COUNT, used)].tolist()
+        w[self._column(PENDING, used)] = array.array("q", counts)
+        flushed = w[self._column(FLUSHED, used)].tolist()
+        banners = w[self._column(BANNER, used)].tolist()
+        deltas = {banner: count - done
+                  for banner, count, done in zip(banners, counts, flushed) if count != done}
         if deltas:
             w[PENDING_USED] = used
             w[PENDING_SEQ] = w[FLUSHED_SEQ] + 1
@@ -314,25 +326,21 @@ class SegmentFile(MappedSegment):
     def pending_total(self) -> int:
         """Clicks staged as pending and not yet flushed."""
         w = self.words
-        end = HEADER_WORDS + RECORD_WORDS * w[PENDING_USED]
-        return sum(w[first + PENDING] - w[first + FLUSHED]
-                   for first in range(HEADER_WORDS, end, RECORD_WORDS))
+        used = w[PENDING_USED]
+        return sum(w[self._column(PENDING, used)].tolist()) - sum(w[self._column(FLUSHED, used)].tolist())
 
     def commit_pending(self):
         """The pending values are in the database: make them the flushed ones."""
         w = self.words
-        end = HEADER_WORDS + RECORD_WORDS * w[PENDING_USED]
-        for first in range(HEADER_WORDS, end, RECORD_WORDS):
-            w[first + FLUSHED] = w[first + PENDING]
+        used = w[PENDING_USED]
+        w[self._column(FLUSHED, used)] = w[self._column(PENDING, used)]
         w[FLUSHED_SEQ] = w[PENDING_SEQ]
 
     def unflushed(self) -> int:
         """Clicks counted here and not yet flushed (for health and the final drain)."""
         w = self.words
-        return sum(
-            w[first + COUNT] - w[first + FLUSHED]
-            for first in range(HEADER_WORDS, HEADER_WORDS + RECORD_WORDS * w[USED], RECORD_WORDS)
-        )
+        used = w[USED]
+        return sum(w[self._column(COUNT, used)].tolist()) - sum(w[self._column(FLUSHED, used)].tolist())
 
 
 _NAME = re.compile(r"^(\d+)-\d+-[0-9a-f]{16}\.\w+$")

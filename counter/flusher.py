@@ -16,7 +16,6 @@ after it leaves step 1 to confirm them. Either way no click is lost or added
 twice. Only one flusher may work a directory at a time (an flock guards it).
 """
 
-import collections
 import fcntl
 import json
 import logging
@@ -42,6 +41,7 @@ class Flusher:
         self.segments = {}  # path -> SegmentFile
         self.retired_ids = []  # sequence rows to delete in the next transaction
         self._registered = set()  # segment ids whose sequence row exists
+        self._written_minutes = set()  # minutes this flusher has written click rows of
         self._migrated = False
         self._conn = None
         # A fault-injection hook for the crash tests: fault("before_commit") etc.
@@ -58,11 +58,14 @@ class Flusher:
             self._register(conn)
             confirmed = self._settle(conn)
             finished = {s.path for s in self.segments.values() if s.finished()}
-            rows, views, seqs, staged = self._stage()
+            clicks, views, seqs, staged = self._stage()
             retired = list(self.retired_ids)
-            if rows or views or retired:
+            if clicks or views or retired:
                 self._fault("before_commit")
-                storage.write_flush(conn, rows, seqs, retired, views, self.dedup_ttl)
+                # A minute's first flush makes its rows: they go in by bulk insert.
+                new_minutes = clicks.keys() - self._written_minutes
+                storage.write_flush(conn, clicks, seqs, retired, views, self.dedup_ttl, new_minutes)
+                self._written_minutes.update(clicks)
                 self._fault("after_commit")
                 for seg in staged:
                     seg.commit_pending()
@@ -71,9 +74,10 @@ class Flusher:
             self._drop_connection()
             raise
         removed = self._retire(finished)
+        self._written_minutes &= {seg.minute for seg in self.segments.values()}
         return {
-            "rows": len(rows),
-            "clicks": sum(rows.values()) + confirmed["clicks"],
+            "rows": sum(map(len, clicks.values())),
+            "clicks": sum(sum(deltas.values()) for deltas in clicks.values()) + confirmed["clicks"],
             "impressions": len(views) + confirmed["impressions"],
             "segments": len(self.segments),
             "retired": removed,
@@ -113,7 +117,10 @@ class Flusher:
         return confirmed
 
     def _stage(self):
-        rows = collections.defaultdict(int)
+        """Stage every segment. Returns the click deltas as
+        {minute: {banner_id: delta}}, the impressions, each staged segment's
+        pending sequence, and the staged segments."""
+        clicks = {}
         views, seqs, staged = [], {}, []
         for seg in self.segments.values():
             staged_data = seg.stage()
@@ -123,10 +130,13 @@ class Flusher:
             seqs[seg.id] = seg.words[segment.PENDING_SEQ]
             if isinstance(seg, impressions.ImpressionLogFile):
                 views.extend(staged_data)
-            else:
+            elif seg.minute not in clicks:
+                clicks[seg.minute] = staged_data
+            else:  # another worker's segment of the same minute
+                deltas = clicks[seg.minute]
                 for banner_id, delta in staged_data.items():
-                    rows[banner_id, seg.minute] += delta
-        return rows, views, seqs, staged
+                    deltas[banner_id] = deltas.get(banner_id, 0) + delta
+        return clicks, views, seqs, staged
 
     def _retire(self, finished) -> int:
         """Remove segments that can take no more clicks and are fully flushed.

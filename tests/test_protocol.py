@@ -9,7 +9,7 @@ import psycopg2
 import pytest
 
 from conftest import clicks_by_banner, query
-from counter import segment
+from counter import segment, storage
 from counter.flusher import LOCK_FILE, Flusher, StopSignal
 from counter.segment import SegmentFile, SegmentWriter
 
@@ -158,6 +158,47 @@ def test_segments_of_many_minutes_become_rows_per_minute(shm, database_url):
     rows = query(database_url, "SELECT extract(epoch FROM ts)::bigint, count FROM clicks ORDER BY ts")
     minute = int(1_700_000_000 // 60 * 60)
     assert rows == [(minute, 1), (minute + 60, 2)]
+    f.close()
+
+
+def fixed_clock_writer(shm, clicks, now=1_700_000_000.0):
+    w = SegmentWriter(shm, 64, 1 << 20, clock=lambda: now)
+    for banner, n in clicks.items():
+        for _ in range(n):
+            assert w.add(banner)
+    return w
+
+
+def test_a_minutes_first_flush_goes_in_by_bulk_insert_later_ones_by_upsert(shm, database_url,
+                                                                           monkeypatch):
+    upserted = []
+    add_to_rows = storage._add_to_rows
+    monkeypatch.setattr(storage, "_add_to_rows",
+                        lambda cur, minute, banners, counts: (upserted.append(banners),
+                                                              add_to_rows(cur, minute, banners, counts)))
+    w = fixed_clock_writer(shm, {1: 3, 2: 1})
+    f = Flusher(shm, database_url)
+    assert f.flush_once()["clicks"] == 4
+    assert upserted == []  # the new minute's rows were copied in
+    w.add(1)
+    w.add(3)
+    assert f.flush_once()["clicks"] == 2
+    assert upserted == [[1, 3]]  # the minute has rows now: add to them
+    assert clicks_by_banner(database_url) == {1: 4, 2: 1, 3: 1}
+    f.close()
+
+
+def test_rows_another_node_made_in_a_new_minute_are_added_to(shm, database_url):
+    """This flusher has written nothing of the minute, but another node has:
+    the bulk insert meets its row halfway through, is rolled back to its
+    savepoint, and the upsert adds to every row -- none counted twice."""
+    minute = int(1_700_000_000 // 60)
+    query(database_url, "INSERT INTO clicks VALUES (2, to_timestamp(%s * 60), 5)", (minute,))
+    fixed_clock_writer(shm, {1: 3, 2: 1, 3: 2})
+    f = Flusher(shm, database_url)
+    assert f.flush_once()["clicks"] == 6
+    assert clicks_by_banner(database_url) == {1: 3, 2: 6, 3: 2}
+    assert query(database_url, "SELECT count(*) FROM segment_flushes WHERE seq = 1") == [(1,)]
     f.close()
 
 

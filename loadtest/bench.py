@@ -1,7 +1,7 @@
 """The benchmark: the click route vs. an empty WSGI callable on the same
 serving stack, nginx's bare `return 204`, stats latency, flusher throughput.
 
-    python -m loadtest.bench [--seconds 5] [--rounds 3] [--connections 64] [--workers 1]
+    python -m loadtest.bench [--seconds 3] [--rounds 11] [--connections 64] [--workers 1]
                              [--stacks gunicorn,granian]
 
 Servers (master, workers, flusher; nginx with one worker) are pinned to CPU 0
@@ -150,6 +150,10 @@ def bench_stack(stack, database_url, args):
                                  "click_route": [r["rps"] for r in click_runs]}
         results["ratio_to_own_ceiling"] = round(
             results["click_route"]["rps"] / results["empty_wsgi"]["rps"], 3)
+        # each round's click run over the empty run just before it: the spread
+        # shows how far the machine drifts from one run to the next
+        results["round_ratios"] = sorted(round(click["rps"] / empty["rps"], 3)
+                                         for empty, click in zip(empty_runs, click_runs))
         answered = sum(r["requests"] - r["non_2xx"] for r in click_runs)
         sent = sum(r["sent"] or 0 for r in click_runs)
         results["stored_vs_answered"] = {"answered_2xx": answered, "stored": stored, "sent": sent,
@@ -255,8 +259,8 @@ def bench_flush(database_url, keys=100_000, rounds=5):
 
 def main():
     parser = argparse.ArgumentParser(description="click-counter benchmark")
-    parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating runs per server")
+    parser.add_argument("--seconds", type=int, default=3, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=11, help="alternating runs per server")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--stacks", default="gunicorn,granian",

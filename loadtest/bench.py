@@ -1,12 +1,13 @@
 """The benchmark: the click route vs. an empty WSGI callable on the same
 serving stack, nginx's bare `return 204`, stats latency, flusher throughput.
 
-    python -m loadtest.bench [--seconds 3] [--rounds 11] [--connections 64] [--workers 1]
+    python -m loadtest.bench [--seconds 3] [--rounds 4] [--starts 3] [--connections 64] [--workers 1]
                              [--stacks gunicorn,granian]
 
 Servers (master, workers, flusher; nginx with one worker) are pinned to CPU 0
-and wrk to CPU 1 (taskset), everything in the same run. For each stack it
-prints requests/s, p50/p99 latency and the ratio to that stack's empty
+and wrk to CPU 1 (taskset), everything in the same run. wrk alternates
+between the empty callable and the service, 4 rounds per start, and both
+are started afresh 3 times. For each stack it prints the median requests/s, p50/p99 latency and the ratio to that stack's empty
 callable and to nginx, then checks answered 2xx <= stored clicks <= sent
 (wrk stops with requests in flight). Then the latency of a one-day stats
 query over 1,440 minute rows, and the flusher: the median of five flushes
@@ -118,31 +119,38 @@ def _median_run(runs):
 
 def bench_stack(stack, database_url, args):
     """Both servers run side by side (pinned to CPU 0); wrk alternates between
-    them for `rounds` rounds, so the machine's drift hits both alike; the
-    median run of each is reported."""
+    them for `rounds` rounds, so the machine's drift hits both alike. That is
+    done `starts` times with fresh processes, since one process's memory
+    layout can make it faster or slower for its whole life. The median run of
+    each server is reported."""
     ports = embedded.free_port(), embedded.free_port()
     shms = [tempfile.mkdtemp(prefix="cc-bench-", dir="/dev/shm") for _ in ports]
     envs = [dict(os.environ, DATABASE_URL=database_url, BIND=f"127.0.0.1:{port}", SERVER=stack,
                  WORKERS=str(args.workers), SHM_DIR=shm, LOG_LEVEL="warning")
             for port, shm in zip(ports, shms)]
     ceiling_url, click_url = (f"http://127.0.0.1:{port}" for port in ports)
+    os.environ["BIND"] = envs[0]["BIND"]  # for ceiling_command's settings
     results = {}
+    empty_runs, click_runs = [], []
     try:
-        os.environ["BIND"] = envs[0]["BIND"]  # for ceiling_command's settings
-        ceiling = serve(ceiling_command(stack, args.workers), envs[0], ceiling_url + "/")
         before = _stored(database_url)
-        service = serve([sys.executable, "-m", "cli", "serve"], envs[1], click_url + "/v1/healthcheck")
-        empty_runs, click_runs = [], []
-        try:
-            time.sleep(1)
-            for _ in range(args.rounds):
-                empty_runs.append(wrk(ceiling_url + "/", args.seconds, args.connections))
-                click_runs.append(wrk(click_url + "/counter/1", args.seconds, args.connections, SPREAD))
-            if stack == args.stacks[0]:
-                results["stats_one_day"] = stats_latency(click_url, database_url)
-        finally:
-            stop(ceiling)
-            stop(service)  # SIGTERM: the final flush stores everything counted
+        for start in range(args.starts):
+            ceiling = serve(ceiling_command(stack, args.workers), envs[0], ceiling_url + "/")
+            try:
+                service = serve([sys.executable, "-m", "cli", "serve"], envs[1],
+                                click_url + "/v1/healthcheck")
+                try:
+                    time.sleep(1)
+                    for _ in range(args.rounds):
+                        empty_runs.append(wrk(ceiling_url + "/", args.seconds, args.connections))
+                        click_runs.append(wrk(click_url + "/counter/1", args.seconds,
+                                              args.connections, SPREAD))
+                    if start == 0 and stack == args.stacks[0]:
+                        results["stats_one_day"] = stats_latency(click_url, database_url)
+                finally:
+                    stop(service)  # SIGTERM: the final flush stores everything counted
+            finally:
+                stop(ceiling)
         stored = _stored(database_url) - before
         results["empty_wsgi"] = _median_run(empty_runs)
         results["click_route"] = _median_run(click_runs)
@@ -260,7 +268,8 @@ def bench_flush(database_url, keys=100_000, rounds=5):
 def main():
     parser = argparse.ArgumentParser(description="click-counter benchmark")
     parser.add_argument("--seconds", type=int, default=3, help="per wrk run")
-    parser.add_argument("--rounds", type=int, default=11, help="alternating runs per server")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating runs per server and start")
+    parser.add_argument("--starts", type=int, default=3, help="fresh starts of both servers")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--stacks", default="gunicorn,granian",

@@ -102,11 +102,20 @@ def migration_status(conn) -> list:
     return [(v, n, rows.get(v)) for v, n, _ in _migrations()]
 
 
-def _array(values) -> str:
+def _array(values: list) -> str:
     # A Postgres array literal: far cheaper to build and parse than one
     # bound parameter per element. (A list's repr is the fastest way to
     # render many ints; the array parser ignores the spaces.)
+    assert isinstance(values, list)  # a tuple's repr differs: (5,)
     return "{" + repr(values)[1:-1] + "}"
+
+
+# Each COPY runs in a savepoint, i.e. a subtransaction with an id of its own.
+# PostgreSQL caches 64 of them per transaction; past that, snapshot checks
+# in every session of the server take a slow path until the commit. So one
+# flush copies at most this many minutes (a catch-up after a long outage can
+# hold hundreds); the rest go by upsert.
+_MAX_COPIED_MINUTES = 32
 
 
 def write_flush(conn, clicks, segment_seqs, retired=(), impressions=(), dedup_ttl=3600.0,
@@ -123,13 +132,16 @@ def write_flush(conn, clicks, segment_seqs, retired=(), impressions=(), dedup_tt
     flushers of several nodes never deadlock on each other's rows.
     """
     segments = sorted(segment_seqs)
+    copies_left = _MAX_COPIED_MINUTES
     with conn, conn.cursor() as cur:
         for minute in sorted(clicks):
             deltas = clicks[minute]
             banners = sorted(deltas)
             counts = list(map(deltas.__getitem__, banners))
-            if minute in new_minutes and _insert_new_rows(cur, minute, banners, counts):
-                continue
+            if minute in new_minutes and copies_left:
+                copies_left -= 1
+                if _insert_new_rows(cur, minute, banners, counts):
+                    continue
             _add_to_rows(cur, minute, banners, counts)
         if impressions:
             _count_unique_impressions(cur, impressions, dedup_ttl)
@@ -151,7 +163,7 @@ def _add_to_rows(cur, minute, banners, counts):
     # The minute is a single parameter; only banner ids and counts travel as arrays.
     cur.execute(
         "INSERT INTO clicks (banner_id, ts, count)"
-        " SELECT b, to_timestamp(%s * 60), c"
+        " SELECT b, to_timestamp(%s::bigint * 60), c"
         " FROM unnest(%s::bigint[], %s::bigint[]) AS u(b, c)"
         " ON CONFLICT (banner_id, ts) DO UPDATE SET count = clicks.count + EXCLUDED.count",
         (minute, _array(banners), _array(counts)),
@@ -172,6 +184,7 @@ def _insert_new_rows(cur, minute, banners, counts) -> bool:
                         io.StringIO(text), size=1 << 20)
     except psycopg2.errors.UniqueViolation:
         cur.execute("ROLLBACK TO SAVEPOINT new_rows")
+        cur.execute("RELEASE SAVEPOINT new_rows")  # the rollback leaves it open
         return False
     cur.execute("RELEASE SAVEPOINT new_rows")
     return True

@@ -202,6 +202,61 @@ def test_rows_another_node_made_in_a_new_minute_are_added_to(shm, database_url):
     f.close()
 
 
+def test_a_new_minutes_copy_waits_for_another_nodes_insert_then_adds_to_it(shm, database_url):
+    """Another node's insert of the same row is still uncommitted: the COPY
+    waits for it, meets the committed row, and the upsert adds to it."""
+    import threading
+    import time
+
+    minute = int(1_700_000_000 // 60)
+    other = storage_connect(database_url)
+    other.cursor().execute("INSERT INTO clicks VALUES (1, to_timestamp(%s * 60), 4)", (minute,))
+    fixed_clock_writer(shm, {1: 2, 2: 1})
+    f = Flusher(shm, database_url)
+    thread = threading.Thread(target=f.flush_once)
+    thread.start()
+    time.sleep(0.5)
+    assert thread.is_alive()  # waiting on the other node's row
+    other.commit()
+    thread.join(timeout=10)
+    assert clicks_by_banner(database_url) == {1: 6, 2: 1}
+    other.close()
+    f.close()
+
+
+def test_a_minute_after_2038_is_made_and_added_to(shm, database_url):
+    w = fixed_clock_writer(shm, {1: 1}, now=2_240_000_000.0)  # in 2040
+    f = Flusher(shm, database_url)
+    f.flush_once()  # makes the row (COPY)
+    w.add(1)
+    f.flush_once()  # adds to it (upsert): minute * 60 needs 64 bits
+    assert query(database_url, "SELECT extract(epoch FROM ts)::bigint, count FROM clicks") \
+        == [(2_240_000_000 // 60 * 60, 2)]
+    f.close()
+
+
+def test_a_catch_up_over_many_minutes_copies_at_most_32_of_them(shm, database_url, monkeypatch):
+    """Each COPY is a subtransaction; PostgreSQL caches 64 per transaction."""
+    upserted = []
+    add_to_rows = storage._add_to_rows
+    monkeypatch.setattr(storage, "_add_to_rows",
+                        lambda cur, minute, banners, counts: (upserted.append(minute),
+                                                              add_to_rows(cur, minute, banners, counts)))
+    now = [1_700_000_000.0]
+    w = SegmentWriter(shm, 64, 1 << 22, clock=lambda: now[0])
+    for _ in range(40):  # 40 minutes of clicks while the database was away
+        w.add(1)
+        w.add(2)
+        now[0] += 60
+    w.close()
+    f = Flusher(shm, database_url)
+    assert f.flush_once()["clicks"] == 80
+    assert len(upserted) == 8  # the 33rd minute on
+    assert clicks_by_banner(database_url) == {1: 40, 2: 40}
+    assert query(database_url, "SELECT count(*) FROM clicks") == [(80,)]
+    f.close()
+
+
 def test_a_second_flusher_waits_for_the_first(shm, database_url):
     count(shm, {1: 1}).close()
     lock = os.open(os.path.join(shm, LOCK_FILE), os.O_RDWR | os.O_CREAT)
@@ -376,6 +431,4 @@ def test_a_commit_still_in_flight_is_waited_for_not_dropped(shm, database_url):
 
 
 def storage_connect(url):
-    from counter import storage
-
     return storage.connect(url)

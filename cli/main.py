@@ -9,10 +9,12 @@ import datetime
 import json
 import os
 import sys
+import uuid
 
 import click
 
 from cli import output, times
+from counter import campaigns as campaign_rules  # `campaigns` is the command group
 from counter import config, stats_request, storage
 
 
@@ -55,6 +57,14 @@ def _query(fn, *args):
     """Run one storage function on a fresh connection."""
     with _database() as conn:
         return fn(conn, *args)
+
+
+def _time(text, tz, now, option):
+    """times.parse, its error naming the option the time came from."""
+    try:
+        return times.parse(text, tz, now)
+    except click.BadParameter as exc:
+        raise click.BadParameter(str(exc), param_hint=option)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -149,10 +159,7 @@ def prune(before, yes):
     Example:
       counter db prune --before -90d --yes
     """
-    try:
-        cutoff = times.parse(before, datetime.timezone.utc, datetime.datetime.now(datetime.timezone.utc))
-    except click.BadParameter as exc:
-        raise click.BadParameter(str(exc), param_hint="--before")
+    cutoff = _time(before, datetime.timezone.utc, datetime.datetime.now(datetime.timezone.utc), "--before")
     counts = _query(storage.prune, cutoff, True)
     click.echo(f"rows before {times.show(cutoff, datetime.timezone.utc)}: "
                + ", ".join(f"{table} {n}" for table, n in counts.items()))
@@ -171,14 +178,8 @@ def _range(start, end, tz_name):
     """Parse --from/--to (and --tz) into UTC datetimes, from before to."""
     tz = times.zone(tz_name)
     now = datetime.datetime.now(datetime.timezone.utc)
-    try:
-        first = times.parse(start, tz, now)
-    except click.BadParameter as exc:
-        raise click.BadParameter(str(exc), param_hint="--from")
-    try:
-        last = times.parse(end, tz, now)
-    except click.BadParameter as exc:
-        raise click.BadParameter(str(exc), param_hint="--to")
+    first = _time(start, tz, now, "--from")
+    last = _time(end, tz, now, "--to")
     if not first < last:
         raise click.BadParameter("--from must be before --to", param_hint="--from")
     return first, last, tz
@@ -229,13 +230,9 @@ def stats(banner, start, end, granularity, fmt, tz):
     buckets = _query(storage.click_stats, banner, query.start, query.end, granularity)
     if fmt == "json":
         click.echo(json.dumps(query.answer(buckets), indent=2))
-    elif fmt == "csv":
-        click.echo("ts,clicks")
-        for ts, clicks in buckets:
-            click.echo(f"{times.show(ts, zone)},{clicks}")
-    else:
-        rows = [(times.show(ts, zone), clicks) for ts, clicks in buckets]
-        click.echo(output.table(["ts", "clicks"], rows))
+        return
+    click.echo(output.show(["ts", "clicks"], [(times.show(ts, zone), c) for ts, c in buckets], fmt))
+    if fmt == "table":
         click.echo(f"total {sum(c for _, c in buckets)} clicks of banner {banner}, "
                    f"{times.show(first, zone)} .. {times.show(last, zone)}")
 
@@ -292,15 +289,7 @@ def top(start, end, limit, fmt, tz):
       counter top --from -1h --limit 50 --format csv
     """
     first, last, _ = _range(start, end, tz)
-    rows = _query(storage.top_banners, first, last, limit)
-    if fmt == "json":
-        click.echo(json.dumps([{"banner_id": b, "clicks": c} for b, c in rows], indent=2))
-    elif fmt == "csv":
-        click.echo("banner_id,clicks")
-        for banner, clicks in rows:
-            click.echo(f"{banner},{clicks}")
-    else:
-        click.echo(output.table(["banner_id", "clicks"], rows))
+    click.echo(output.show(["banner_id", "clicks"], _query(storage.top_banners, first, last, limit), fmt))
 
 
 # -- campaigns ----------------------------------------------------------------------
@@ -321,9 +310,6 @@ def campaigns_create(name, start, tz):
     Example:
       counter campaigns create "Black Friday" --start 2026-11-27T00:00:00Z
     """
-    from counter import campaigns as campaign_rules
-    import uuid
-
     zone = times.zone(tz)
     now = datetime.datetime.now(datetime.timezone.utc)
     try:
@@ -349,16 +335,7 @@ def campaigns_list(fmt, tz):
     """
     zone = times.zone(tz)
     rows = [(c, n, times.show(s, zone)) for c, n, s in _query(storage.list_campaigns)]
-    if fmt == "json":
-        click.echo(json.dumps([{"id": c, "name": n, "start_time": s} for c, n, s in rows], indent=2))
-    elif fmt == "csv":
-        import csv
-
-        writer = csv.writer(sys.stdout, lineterminator="\n")
-        writer.writerow(["id", "name", "start_time"])
-        writer.writerows(rows)
-    else:
-        click.echo(output.table(["id", "name", "start_time"], rows))
+    click.echo(output.show(["id", "name", "start_time"], rows, fmt))
 
 
 @campaigns.command("stats")
@@ -372,17 +349,14 @@ def campaigns_stats(campaign_id, fmt):
     Example:
       counter campaigns stats 0b6c3c9e-5f0e-4f43-9d0c-6a1f6d9b1f10
     """
-    import uuid
-
     try:
         key = uuid.UUID(campaign_id)
     except ValueError:
         raise click.BadParameter(f"{campaign_id!r} is not a UUID", param_hint="CAMPAIGN_ID")
     if _query(storage.get_campaign, key) is None:
         raise click.ClickException(f"no campaign {campaign_id}")
-    last_hour, last_day, total = _query(storage.campaign_stats, key)
-    answer = {"campaign_id": str(key), "last_hour": last_hour, "last_day": last_day, "total": total}
+    counts = _query(storage.campaign_stats, key)
     if fmt == "json":
-        click.echo(json.dumps(answer, indent=2))
+        click.echo(json.dumps(campaign_rules.describe_stats(key, counts), indent=2))
     else:
-        click.echo(output.table(["last_hour", "last_day", "total"], [(last_hour, last_day, total)]))
+        click.echo(output.table(["last_hour", "last_day", "total"], [counts]))

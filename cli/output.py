@@ -1,8 +1,9 @@
 """Writing rows as CSV, NDJSON or JSON, to a stream or to a file that appears
-whole or not at all."""
+whole or not at all; small results as a table, JSON or CSV."""
 
 import contextlib
 import csv
+import io
 import json
 import os
 import sys
@@ -71,3 +72,16 @@ def table(headers, rows):
         if n == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def show(headers, rows, fmt):
+    """A small result as text: an aligned table, a JSON list of objects, or CSV."""
+    if fmt == "json":
+        return json.dumps([dict(zip(headers, row)) for row in rows], indent=2)
+    if fmt == "csv":
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(headers)
+        writer.writerows(rows)
+        return text.getvalue().rstrip("\n")
+    return table(headers, rows)

@@ -129,11 +129,16 @@ def _json_body(req):
     return stats_request.parse_json(read_body(req))
 
 
-def _campaign_id(text):
+def _find_campaign(database, text):
+    """(UUID, row) of an existing campaign; a 404 otherwise."""
     try:
-        return uuid.UUID(text)
+        key = uuid.UUID(text)
     except ValueError:
         raise _error(falcon.HTTPNotFound, f"no campaign {text[:64]!r}")
+    row = database.run(storage.get_campaign, key)
+    if row is None:
+        raise _error(falcon.HTTPNotFound, f"no campaign {text}")
+    return key, row
 
 
 class CampaignsResource:
@@ -158,9 +163,7 @@ class CampaignResource:
         self._database = database
 
     def on_get(self, req, resp, campaign_id):
-        row = self._database.run(storage.get_campaign, _campaign_id(campaign_id))
-        if row is None:
-            raise _error(falcon.HTTPNotFound, f"no campaign {campaign_id}")
+        _, row = _find_campaign(self._database, campaign_id)
         resp.media = campaigns.describe(row)
 
 
@@ -171,12 +174,8 @@ class CampaignStatsResource:
         self._database = database
 
     def on_get(self, req, resp, campaign_id):
-        key = _campaign_id(campaign_id)
-        if self._database.run(storage.get_campaign, key) is None:
-            raise _error(falcon.HTTPNotFound, f"no campaign {campaign_id}")
-        last_hour, last_day, total = self._database.run(storage.campaign_stats, key)
-        resp.media = {"campaign_id": str(key), "last_hour": last_hour, "last_day": last_day,
-                      "total": total}
+        key, _ = _find_campaign(self._database, campaign_id)
+        resp.media = campaigns.describe_stats(key, self._database.run(storage.campaign_stats, key))
 
 
 class ImpressionResource:
@@ -193,13 +192,13 @@ class ImpressionResource:
     def on_post(self, req, resp):
         campaign_id, user_id = campaigns.impression(_json_body(req))
         start = self._cache.start_time(campaign_id)
-        if self._key is None:
-            self._key = self._database.run(storage.user_hash_key)
         if start is None:
             raise _error(falcon.HTTPNotFound, f"no campaign {campaign_id}")
         if start > datetime.datetime.now(datetime.timezone.utc):
             raise _error(falcon.HTTPConflict,
                          f"campaign {campaign_id} starts at {stats_request.format_time(start)}")
+        if self._key is None:
+            self._key = self._database.run(storage.user_hash_key)
         if not self._append(campaign_id, impressions.user_hash(self._key, user_id)):
             self._stats.add(worker_stats.REJECTED_IMPRESSIONS)
             raise _error(falcon.HTTPServiceUnavailable, "impression memory is full; retry shortly",

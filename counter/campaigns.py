@@ -64,6 +64,13 @@ def describe(row) -> dict:
     return {"id": campaign_id, "name": name, "start_time": stats_request.format_time(start)}
 
 
+def describe_stats(campaign_id: uuid.UUID, counts) -> dict:
+    """The stats answer, from storage.campaign_stats' (last_hour, last_day, total)."""
+    last_hour, last_day, total = counts
+    return {"campaign_id": str(campaign_id), "last_hour": last_hour, "last_day": last_day,
+            "total": total}
+
+
 class CampaignCache:
     """campaign UUID -> start time. Campaigns never change once made, so a
     hit is good forever; an unknown id is asked again after MISS_TTL."""

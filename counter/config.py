@@ -10,7 +10,7 @@ import pathlib
 import re
 from typing import Mapping, Optional
 
-from counter import segment
+from counter import impressions, segment
 
 
 class ConfigError(ValueError):
@@ -104,7 +104,8 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
     max_bytes = _number(env, "SHM_MAX_BYTES", 256 << 20, int, 1 << 16)
     # At a minute change every worker briefly holds two click segments (the
     # sealed one until it is flushed) and may hold two impression logs.
-    per_worker = 2 * (segment.file_size(slots) + segment.file_size(impression_slots, 5))
+    per_worker = 2 * (segment.file_size(slots)
+                      + segment.file_size(impression_slots, impressions.IMPRESSIONS.record_words))
     if workers * per_worker > max_bytes:
         raise ConfigError(
             f"SHM_MAX_BYTES={max_bytes} is too small for WORKERS={workers}: each worker needs "

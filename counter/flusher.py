@@ -8,7 +8,7 @@ Exactly once (DESIGN invariant 5), in one place:
 2. stage: each settled segment stores every record's count as PENDING, then
    sets PENDING_SEQ = FLUSHED_SEQ + 1 (see SegmentFile.stage).
 3. commit: one transaction adds all deltas (count - flushed), pre-aggregated
-   by (banner, minute), and stores each staged segment's PENDING_SEQ.
+   per minute and banner, and stores each staged segment's PENDING_SEQ.
 4. confirm: PENDING becomes FLUSHED in the segments.
 
 A crash before 3 commits leaves step 1 to drop the pending values; a crash
@@ -41,7 +41,6 @@ class Flusher:
         self.segments = {}  # path -> SegmentFile
         self.retired_ids = []  # sequence rows to delete in the next transaction
         self._registered = set()  # segment ids whose sequence row exists
-        self._written_minutes = set()  # minutes this flusher has written click rows of
         self._migrated = False
         self._conn = None
         # A fault-injection hook for the crash tests: fault("before_commit") etc.
@@ -63,9 +62,8 @@ class Flusher:
             if clicks or views or retired:
                 self._fault("before_commit")
                 # A minute's first flush makes its rows: they go in by bulk insert.
-                new_minutes = clicks.keys() - self._written_minutes
+                new_minutes = clicks.keys() - self._written_minutes()
                 storage.write_flush(conn, clicks, seqs, retired, views, self.dedup_ttl, new_minutes)
-                self._written_minutes.update(clicks)
                 self._fault("after_commit")
                 for seg in staged:
                     seg.commit_pending()
@@ -74,7 +72,6 @@ class Flusher:
             self._drop_connection()
             raise
         removed = self._retire(finished)
-        self._written_minutes &= {seg.minute for seg in self.segments.values()}
         return {
             "rows": sum(map(len, clicks.values())),
             "clicks": sum(sum(deltas.values()) for deltas in clicks.values()) + confirmed["clicks"],
@@ -115,6 +112,12 @@ class Flusher:
                 seg.discard_pending()
                 log.info("settled segment=%s outcome=not_committed", seg.id)
         return confirmed
+
+    def _written_minutes(self) -> set:
+        """Minutes with rows in the database already, as far as the segments
+        tell: a click segment with a committed flush wrote rows of its minute."""
+        return {s.minute for s in self.segments.values()
+                if isinstance(s, segment.SegmentFile) and s.words[segment.FLUSHED_SEQ]}
 
     def _stage(self):
         """Stage every segment. Returns the click deltas as

@@ -13,7 +13,7 @@ from counter.flusher import StatusFile
 _COUNTERS = {  # status total -> (metric name, help)
     "clicks": ("click_counter_clicks_flushed", "Clicks written to PostgreSQL."),
     "impressions": ("click_counter_impressions_flushed", "Impressions given to the dedup rule in PostgreSQL."),
-    "rows": ("click_counter_rows_written", "(banner, minute) rows upserted by flushes."),
+    "rows": ("click_counter_rows_written", "(banner, minute) rows written by flushes."),
     "flushes": ("click_counter_flushes", "Successful flush transactions."),
     "flush_failures": ("click_counter_flush_failures", "Flushes that failed (database errors)."),
     "retired_segments": ("click_counter_segments_retired", "Shared-memory segments drained and removed."),

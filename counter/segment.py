@@ -323,11 +323,13 @@ class SegmentFile(MappedSegment):
             w[PENDING_SEQ] = w[FLUSHED_SEQ] + 1
         return deltas
 
+    def _total(self, field: int, records: int) -> int:
+        return sum(self.words[self._column(field, records)].tolist())
+
     def pending_total(self) -> int:
         """Clicks staged as pending and not yet flushed."""
-        w = self.words
-        used = w[PENDING_USED]
-        return sum(w[self._column(PENDING, used)].tolist()) - sum(w[self._column(FLUSHED, used)].tolist())
+        used = self.words[PENDING_USED]
+        return self._total(PENDING, used) - self._total(FLUSHED, used)
 
     def commit_pending(self):
         """The pending values are in the database: make them the flushed ones."""
@@ -338,9 +340,8 @@ class SegmentFile(MappedSegment):
 
     def unflushed(self) -> int:
         """Clicks counted here and not yet flushed (for health and the final drain)."""
-        w = self.words
-        used = w[USED]
-        return sum(w[self._column(COUNT, used)].tolist()) - sum(w[self._column(FLUSHED, used)].tolist())
+        used = self.words[USED]
+        return self._total(COUNT, used) - self._total(FLUSHED, used)
 
 
 _NAME = re.compile(r"^(\d+)-\d+-[0-9a-f]{16}\.\w+$")

@@ -312,34 +312,31 @@ def _range_filter(start, end, granularity, banner_ids):
     return sql, args
 
 
+def _export_query(start, end, granularity, banner_ids):
+    """SQL and arguments of the export's (banner_id, bucket, clicks) rows, unordered."""
+    where, args = _range_filter(start, end, granularity, banner_ids)
+    if granularity == "minute":  # rows are already one per (banner, minute)
+        return f"SELECT banner_id, ts AS bucket, count FROM clicks WHERE {where}", args
+    return (f"SELECT banner_id, date_trunc(%s, ts, 'UTC') AS bucket, sum(count)::bigint"
+            f" FROM clicks WHERE {where} GROUP BY banner_id, bucket", [granularity] + args)
+
+
 def export_rows(conn, start, end, granularity, banner_ids=(), batch=20_000):
     """Yield (banner_id, bucket start, clicks) ordered by banner then time,
     streamed through a server-side cursor so memory stays flat."""
-    where, args = _range_filter(start, end, granularity, banner_ids)
-    if granularity == "minute":  # rows are already one per (banner, minute)
-        sql = f"SELECT banner_id, ts, count FROM clicks WHERE {where} ORDER BY banner_id, ts"
-    else:
-        sql = (f"SELECT banner_id, date_trunc(%s, ts, 'UTC') AS bucket, sum(count)::bigint"
-               f" FROM clicks WHERE {where} GROUP BY banner_id, bucket ORDER BY banner_id, bucket")
-        args = [granularity] + args
+    sql, args = _export_query(start, end, granularity, banner_ids)
     with conn:
         with conn.cursor(name="counter_export") as cur:
             cur.itersize = batch
-            cur.execute(sql, args)
+            cur.execute(sql + " ORDER BY banner_id, bucket", args)
             yield from cur
 
 
 def export_size(conn, start, end, granularity, banner_ids=()) -> int:
     """How many rows export_rows will yield (for a progress bar)."""
-    where, args = _range_filter(start, end, granularity, banner_ids)
-    if granularity == "minute":
-        sql = f"SELECT count(*) FROM clicks WHERE {where}"
-    else:
-        sql = (f"SELECT count(*) FROM (SELECT 1 FROM clicks WHERE {where}"
-               f" GROUP BY banner_id, date_trunc(%s, ts, 'UTC')) AS buckets")
-        args = args + [granularity]
+    sql, args = _export_query(start, end, granularity, banner_ids)
     with conn, conn.cursor() as cur:
-        cur.execute(sql, args)
+        cur.execute(f"SELECT count(*) FROM ({sql}) AS exported", args)
         return cur.fetchone()[0]
 
 

@@ -16,10 +16,6 @@ from counter import embedded
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def free_port():
-    return embedded.free_port()
-
-
 def children(pid):
     """Direct children of a process (from /proc)."""
     found = []
@@ -58,7 +54,7 @@ class Service:
 
     def __init__(self, database_url, shm_dir, log_dir, workers=2, flush_interval=0.2,
                  extra_env=None, port=None, server="gunicorn"):
-        self.port = port or free_port()
+        self.port = port or embedded.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.shm_dir = str(shm_dir)
         self.log_path = pathlib.Path(log_dir) / f"service-{self.port}.log"

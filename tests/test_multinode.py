@@ -13,8 +13,9 @@ import time
 import pytest
 
 from conftest import ROOT, wait_until
+from counter.embedded import free_port
 from loadtest import audit, clicker
-from loadtest.harness import Service, free_port
+from loadtest.harness import Service
 
 pytestmark = pytest.mark.service
 

@@ -9,4 +9,4 @@ views = impressions.ImpressionLog(settings.shm_dir, settings.impression_slots, s
 stats = worker_stats.WorkerStats(settings.shm_dir)
 api = app.create_app(settings, clicks, database.Database(settings.database_url), views, stats)
 # valid clicks are answered in front of Falcon; Falcon answers everything else
-application = click_route.ClickRoute(clicks, api)
+application = click_route.click_route(clicks, api)

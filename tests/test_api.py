@@ -9,9 +9,10 @@ import pytest
 
 from conftest import query
 from counter import app as app_module
+from counter import click_route as click_route_module
 from counter import config, database, segment
 from counter.app import create_app
-from counter.click_route import ClickRoute
+from counter.click_route import click_route
 from counter.flusher import Flusher
 
 MAX = 2**63 - 1
@@ -28,7 +29,7 @@ def env(request, tmp_path, database_url):
     db = database.Database(database_url)
     application = create_app(settings, clicks, db)
     if request.param == "raw-click-route":
-        application = ClickRoute(clicks, application)
+        application = click_route(clicks, application)
     client = falcon.testing.TestClient(application)
     client.shm = str(shm)
     client.url = database_url
@@ -90,7 +91,7 @@ def test_a_full_memory_answers_503_with_retry_after(tmp_path, raw):
     full = type("Full", (), {"add": staticmethod(lambda banner: False)})()
     settings = config.load({"DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})
     application = create_app(settings, full, database.Database(settings.database_url))
-    client = falcon.testing.TestClient(ClickRoute(full, application) if raw else application)
+    client = falcon.testing.TestClient(click_route(full, application) if raw else application)
     for path in ("/counter/1", "/v1/banners/counter/1"):
         r = client.simulate_get(path)
         assert_error(r, 503)
@@ -102,6 +103,37 @@ def test_unknown_route_is_404_and_wrong_method_405(env):
     assert_error(env.simulate_delete("/counter/1"), 405)
     assert_error(env.simulate_put("/stats/1"), 405)
     assert_error(env.simulate_post("/health"), 405)
+
+
+def test_a_remembered_click_path_still_refuses_other_methods(env):
+    assert env.simulate_get("/counter/77").status_code == 200  # the raw route remembers the path
+    for method in ("DELETE", "PUT", "PATCH", "HEAD"):
+        assert env.simulate_request(method, "/counter/77").status_code == 405
+    flush(env)
+    assert query(env.url, "SELECT sum(count)::int FROM clicks WHERE banner_id = 77") == [(1,)]
+
+
+def test_the_memo_of_click_paths_stays_bounded_and_counts_exactly(tmp_path, database_url, monkeypatch):
+    monkeypatch.setattr(click_route_module, "MEMO_SIZE", 3)
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    settings = config.load({"DATABASE_URL": database_url, "SHM_DIR": str(shm)})
+    clicks = segment.SegmentWriter(shm, settings.segment_slots, settings.shm_max_bytes)
+    db = database.Database(database_url)
+    route = click_route(clicks, create_app(settings, clicks, db))
+    client = falcon.testing.TestClient(route)
+    paths = [f"/counter/{banner}" for banner in range(1, 8)] + ["/v1/banners/counter/3"]
+    for round_ in range(5):
+        for path in paths:
+            assert client.simulate_post(path).status_code in (200, 204)
+            assert len(route.memo) <= 3
+    client.shm, client.url = str(shm), database_url
+    flush(client)
+    expected = {banner: 5 for banner in range(1, 8)}
+    expected[3] = 10
+    assert dict(query(database_url, "SELECT banner_id, sum(count)::int FROM clicks GROUP BY 1")) == expected
+    db.close()
+    clicks.close()
 
 
 # -- stats ----------------------------------------------------------------------
@@ -251,7 +283,7 @@ def test_an_unexpected_error_is_a_json_500_without_a_trace(tmp_path, raw):
     broken = type("Broken", (), {"add": staticmethod(lambda banner: 1 / 0)})()
     settings = config.load({"DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})
     application = create_app(settings, broken, database.Database(settings.database_url))
-    client = falcon.testing.TestClient(ClickRoute(broken, application) if raw else application)
+    client = falcon.testing.TestClient(click_route(broken, application) if raw else application)
     r = client.simulate_get("/counter/1")
     assert_error(r, 500)
     assert "ZeroDivision" not in r.text and "Traceback" not in r.text
@@ -277,7 +309,7 @@ def test_metrics_expose_the_flushers_totals_and_the_workers_refusals(tmp_path, d
                             "WORKERS": "1"})
     clicks = segment.SegmentWriter(shm, 16, 64 << 10)
     stats = WorkerStats(shm)
-    client = falcon.testing.TestClient(ClickRoute(clicks, create_app(
+    client = falcon.testing.TestClient(click_route(clicks, create_app(
         settings, clicks, database.Database(database_url), stats=stats)))
     statuses = [client.simulate_get(f"/counter/{banner}").status_code for banner in range(1, 2000)]
     accepted, refused = statuses.count(200), statuses.count(503)

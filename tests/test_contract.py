@@ -17,7 +17,7 @@ from conftest import query
 from counter import app as app_module
 from counter import config, database, openapi, segment
 from counter.app import create_app
-from counter.click_route import ClickRoute
+from counter.click_route import click_route
 from counter.worker_stats import WorkerStats
 
 TOKEN = "t0ken-for-the-tests-only"
@@ -30,7 +30,7 @@ def _client(tmp_path, url, **env):
     settings = config.load({"DATABASE_URL": url, "SHM_DIR": str(shm), **env})
     clicks = segment.SegmentWriter(shm, 64, 1 << 22)
     application = create_app(settings, clicks, database.Database(url))
-    client = falcon.testing.TestClient(ClickRoute(clicks, application))
+    client = falcon.testing.TestClient(click_route(clicks, application))
     client.falcon_app = application
     return client
 

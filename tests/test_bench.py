@@ -20,3 +20,16 @@ def test_the_flush_benchmark_stores_exactly_what_it_counted(database_url, monkey
     # each round: one click per banner made the row, one more added to it
     assert query(database_url, "SELECT count(DISTINCT banner_id), count(*), min(count), max(count)"
                                " FROM clicks") == [(6000, 6000, 2, 2)]
+
+
+def test_the_instruction_count_sees_the_click_routes_extra_work():
+    """Under callgrind, the click route must cost more than the empty callable
+    and the figures must add up; a few hundred requests keep it short."""
+    from loadtest import instructions
+
+    report = instructions.measure(requests=400, connections=4)
+    empty = report["instructions_per_request"]["empty_wsgi"]
+    click = report["instructions_per_request"]["click_route"]
+    assert 10_000 < empty < click  # meinheld and Python do thousands per request
+    assert report["click_route_extra"] == click - empty
+    assert report["ratio_empty_to_click"] == round(empty / click, 3)

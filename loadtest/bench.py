@@ -10,10 +10,11 @@ between the empty callable and the service, sending both the same clicks
 over 1,000 banners, 4 rounds per start, and both are started afresh 3
 times. For each stack it prints the median requests/s, p50/p99 latency and
 the ratio to that stack's empty callable and to nginx, then checks answered
-2xx <= stored clicks <= sent (wrk stops with requests in flight). Then the latency of a one-day stats
-query over 1,440 minute rows, and the flusher: the median of five flushes
-of 100,000 distinct (banner, minute) keys that make new rows, and of five
-that add to those rows. Load goes to 127.0.0.1 only and is bounded by time.
+2xx <= stored clicks <= sent (wrk stops with requests in flight). Then the
+latency of a one-day stats query over 1,440 minute rows, and the flusher:
+the median of five flushes of 100,000 distinct (banner, minute) keys that
+make new rows, and of five that add to those rows. Load goes to 127.0.0.1
+only and is bounded by time.
 DATABASE_URL is used when set, otherwise an embedded PostgreSQL.
 """
 

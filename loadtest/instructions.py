@@ -31,7 +31,6 @@ import random
 import re
 import selectors
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -107,19 +106,6 @@ def drive(port, banners, connections, timeout=300):
         selector.close()
 
 
-def wait_ready(port, proc, timeout=300):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the measured server exited with {proc.returncode}")
-        try:
-            drive(port, [1], 1, timeout=10)
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("the measured server did not answer")
-
-
 def wait_for_a_fresh_minute(seconds_needed):
     """The click route opens a new segment each minute, and every banner's
     first click in it costs more: a counted run must not cross a minute."""
@@ -131,6 +117,9 @@ def wait_for_a_fresh_minute(seconds_needed):
 def count(app_path, requests, connections, workdir):
     """User-space instructions per request of `app_path`, under callgrind;
     None when the counted run crossed a minute (the caller runs it again)."""
+    # here, not at the top: the measured process imports this module too
+    from loadtest.bench import stop, wait_ready
+
     port = embedded.free_port()
     folder = tempfile.mkdtemp(dir=workdir)
     out = os.path.join(folder, "callgrind.out")
@@ -146,7 +135,7 @@ def count(app_path, requests, connections, workdir):
     control = ["callgrind_control", vgdb]
     measured = [random.Random(2).randint(1, BANNERS) for _ in range(requests)]
     try:
-        wait_ready(port, proc)
+        wait_ready(f"http://127.0.0.1:{port}/counter/1", proc, timeout=300)
         wait_for_a_fresh_minute(seconds_needed=40)
         # warm-up, not counted: every banner twice (the route's memo, the
         # segment's slots, the interpreter's specializations), then more
@@ -161,12 +150,7 @@ def count(app_path, requests, connections, workdir):
         with open(out + ".1") as f:  # the dump: only what ran while instrumented
             return round(int(re.search(r"^totals: (\d+)", f.read(), re.M)[1]) / requests)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)
         shutil.rmtree(shm, ignore_errors=True)
 
 

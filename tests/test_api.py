@@ -113,27 +113,19 @@ def test_a_remembered_click_path_still_refuses_other_methods(env):
     assert query(env.url, "SELECT sum(count)::int FROM clicks WHERE banner_id = 77") == [(1,)]
 
 
-def test_the_memo_of_click_paths_stays_bounded_and_counts_exactly(tmp_path, database_url, monkeypatch):
+@pytest.mark.parametrize("env", ["raw-click-route"], indirect=True)
+def test_the_memo_of_click_paths_stays_bounded_and_counts_exactly(env, monkeypatch):
     monkeypatch.setattr(click_route_module, "MEMO_SIZE", 3)
-    shm = tmp_path / "shm"
-    shm.mkdir()
-    settings = config.load({"DATABASE_URL": database_url, "SHM_DIR": str(shm)})
-    clicks = segment.SegmentWriter(shm, settings.segment_slots, settings.shm_max_bytes)
-    db = database.Database(database_url)
-    route = click_route(clicks, create_app(settings, clicks, db))
-    client = falcon.testing.TestClient(route)
+    route = env.app
     paths = [f"/counter/{banner}" for banner in range(1, 8)] + ["/v1/banners/counter/3"]
     for round_ in range(5):
         for path in paths:
-            assert client.simulate_post(path).status_code in (200, 204)
+            assert env.simulate_post(path).status_code in (200, 204)
             assert len(route.memo) <= 3
-    client.shm, client.url = str(shm), database_url
-    flush(client)
+    flush(env)
     expected = {banner: 5 for banner in range(1, 8)}
     expected[3] = 10
-    assert dict(query(database_url, "SELECT banner_id, sum(count)::int FROM clicks GROUP BY 1")) == expected
-    db.close()
-    clicks.close()
+    assert dict(query(env.url, "SELECT banner_id, sum(count)::int FROM clicks GROUP BY 1")) == expected
 
 
 # -- stats ----------------------------------------------------------------------

@@ -16,7 +16,7 @@ once, and later clicks on it are a lookup.
 from counter.stats_request import MAX_BANNER_ID
 
 # (prefix, status, headers) of each click route
-_ROUTES = (
+ROUTES = (
     ("/counter/", "200 OK", [("Content-Length", "0"), ("Content-Type", "application/json")]),
     ("/v1/banners/counter/", "204 No Content", []),
 )
@@ -33,7 +33,7 @@ def click_route(clicks, app):
 
     def parse(path):
         """(banner id, status, headers) of a valid click path, else None."""
-        for prefix, status, headers in _ROUTES:
+        for prefix, status, headers in ROUTES:
             if path.startswith(prefix):
                 digits = path[len(prefix):]
                 if (len(digits) <= _MAX_DIGITS and digits.isdigit() and digits.isascii()

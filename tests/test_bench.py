@@ -36,3 +36,21 @@ def test_the_instruction_count_sees_the_click_routes_extra_work():
     assert 10_000 < empty < click  # meinheld and Python do thousands per request
     assert report["click_route_extra"] == click - empty
     assert report["ratio_empty_to_click"] == round(empty / click, 3)
+
+
+def test_the_ablation_serves_each_variant_and_the_route_counts(database_url):
+    """Each variant answers every click with 2xx, its worker's CPU time is read,
+    and only the `route` variant (the service itself) stores what it answered."""
+    pytest.importorskip("meinheld")
+    from loadtest import ablation
+
+    variants = ["empty", "route_counting_nothing", "route"]
+    report = ablation.compare(variants, database_url, rounds=2, seconds=1)
+    assert list(report) == variants and report["empty"]["ratio"] == 1.0
+    for figures in report.values():
+        assert figures["runs"] == 2 and figures["non_2xx"] == 0 and figures["rps"] > 0
+        assert figures["user_us_per_request"] + figures["system_us_per_request"] > 0
+    [(stored,)] = query(database_url, "SELECT coalesce(sum(count), 0) FROM clicks")
+    # all answers were 2xx; the route stored each of them, and perhaps clicks
+    # still in flight when wrk stopped; the other variants stored nothing
+    assert 0 < report["route"]["answered"] <= stored <= report["route"]["sent"]

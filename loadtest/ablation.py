@@ -1,0 +1,142 @@
+"""Where the click route's gap to the empty callable goes: WSGI apps that
+each add one step of the route's work, served side by side and compared.
+
+    python -m loadtest.ablation [--variants empty,click_answer,route_counting_nothing,route]
+                                [--rounds 10] [--seconds 4] [--starts 1] [--connections 64]
+
+Each variant (see loadtest/ablation_apps.py) runs in its own gunicorn with the
+service's settings (one meinheld worker, plus the flusher), all pinned to
+CPU 0; wrk, pinned to CPU 1, sends each the benchmark's clicks over 1,000
+banners in turn, in reverse order every other round, so the machine's drift
+hits all alike. For each variant it prints the median requests/s, the ratio
+to the first variant, and the worker's user and system CPU time per request
+(from /proc/<pid>/stat around each wrk run). Load goes to 127.0.0.1 only and
+is bounded by time. DATABASE_URL is used when set, otherwise an embedded
+PostgreSQL.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+from counter import embedded, storage
+from loadtest import bench
+
+DEFAULT_VARIANTS = "empty,click_answer,route_counting_nothing,route"
+TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid):
+    """(user, system) CPU seconds of a process so far."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return int(fields[11]) / TICKS_PER_SECOND, int(fields[12]) / TICKS_PER_SECOND
+
+
+def worker_pid(master_pid):
+    """The gunicorn master's one worker: its child that is not the flusher."""
+    with open(f"/proc/{master_pid}/task/{master_pid}/children") as f:
+        children = f.read().split()
+    for child in children:
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+            if b"flusher" not in f.read():
+                return int(child)
+    raise RuntimeError("the server has no worker")
+
+
+def start(variant, database_url, shm_dir):
+    """Serve one variant; returns (process, url)."""
+    port = embedded.free_port()
+    env = dict(os.environ, DATABASE_URL=database_url, BIND=f"127.0.0.1:{port}", WORKERS="1",
+               SHM_DIR=shm_dir, LOG_LEVEL="warning", ABLATION_VARIANT=variant)
+    command = [sys.executable, "-m", "gunicorn", "-c", "python:counter.gunicorn_config",
+               "loadtest.ablation_apps:application"]
+    url = f"http://127.0.0.1:{port}/counter/1"
+    return bench.serve(command, env, url), url
+
+
+def compare(variants, database_url, rounds=10, seconds=4, starts=1, connections=64):
+    runs = {variant: [] for variant in variants}
+    for _ in range(starts):
+        servers, shm_dirs = {}, []
+        try:
+            for variant in variants:
+                shm_dirs.append(tempfile.mkdtemp(prefix="cc-ablation-", dir="/dev/shm"))
+                servers[variant] = start(variant, database_url, shm_dirs[-1])
+            workers = {variant: worker_pid(proc.pid) for variant, (proc, _) in servers.items()}
+            for round_number in range(rounds):
+                for variant in variants if round_number % 2 == 0 else variants[::-1]:
+                    user, system = cpu_seconds(workers[variant])
+                    result = bench.wrk(servers[variant][1], seconds, connections, bench.SPREAD)
+                    user_after, system_after = cpu_seconds(workers[variant])
+                    result["user_us"] = 1e6 * (user_after - user) / result["requests"]
+                    result["system_us"] = 1e6 * (system_after - system) / result["requests"]
+                    runs[variant].append(result)
+        finally:
+            for proc, _ in servers.values():
+                bench.stop(proc)
+            for shm_dir in shm_dirs:
+                shutil.rmtree(shm_dir, ignore_errors=True)
+    return summarize(runs)
+
+
+def summarize(runs):
+    """Medians per variant, and each variant's median requests/s as a ratio
+    to the first variant's."""
+    report = {}
+    for variant, results in runs.items():
+        report[variant] = {
+            "rps": round(statistics.median(r["rps"] for r in results)),
+            "user_us_per_request": round(statistics.median(r["user_us"] for r in results), 1),
+            "system_us_per_request": round(statistics.median(r["system_us"] for r in results), 1),
+            "runs": len(results),
+            "answered": sum(r["requests"] for r in results),
+            "sent": sum(r["sent"] or 0 for r in results),
+            "non_2xx": sum(r["non_2xx"] for r in results),
+        }
+    baseline = report[next(iter(report))]["rps"]
+    for figures in report.values():
+        figures["ratio"] = round(figures["rps"] / baseline, 3)
+    return report
+
+
+def main():
+    parser = argparse.ArgumentParser(description="where the click route's gap to the empty callable goes")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS,
+                        help="comma-separated names from loadtest/ablation_apps.py; the first is the baseline")
+    parser.add_argument("--rounds", type=int, default=10, help="runs per variant and start")
+    parser.add_argument("--seconds", type=int, default=4, help="per wrk run")
+    parser.add_argument("--starts", type=int, default=1, help="fresh starts of all servers")
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    from loadtest import ablation_apps  # names only; the apps are built in the workers
+
+    variants = [name.strip() for name in args.variants.split(",") if name.strip()]
+    unknown = [name for name in variants if name not in ablation_apps.VARIANTS]
+    if unknown or not variants:
+        parser.error(f"unknown variants {unknown}; known: {', '.join(ablation_apps.VARIANTS)}")
+
+    server = data = None
+    url = os.environ.get("DATABASE_URL")
+    if not url:
+        data = tempfile.mkdtemp(prefix="cc-ablation-pg-")
+        server = embedded.EmbeddedPostgres(data)
+        url = server.start()
+    try:
+        conn = storage.connect(url)
+        storage.migrate(conn)
+        conn.close()
+        print(json.dumps(compare(variants, url, args.rounds, args.seconds, args.starts,
+                                 args.connections), indent=2))
+    finally:
+        if server is not None:
+            server.stop()
+            shutil.rmtree(data, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The WSGI apps that `loadtest/ablation.py` serves side by side: the empty
+callable, the service, and steps in between, each adding one part of the
+click route's work. `ABLATION_VARIANT` picks one; it is built in the worker,
+after the fork, as the service's app is."""
+
+import mmap
+import os
+import tempfile
+
+from counter import click_route
+from loadtest.empty_app import application as empty
+
+WORDS = 4096  # 32 KiB of 8-byte words, about what 1,000 banners' records fill
+PAGE = mmap.PAGESIZE
+
+
+def click_answer():
+    """The empty callable answering the way a click is answered: the click's
+    status and headers, an empty list for a body."""
+    _, status, headers = click_route.ROUTES[0]
+
+    def app(environ, start_response):
+        start_response(status, headers)
+        return []
+    return app
+
+
+def route_counting_nothing():
+    """The click route with an `add` that stores nothing."""
+    class Nowhere:
+        def add(self, banner_id):
+            return True
+    return click_route.click_route(Nowhere(), empty)
+
+
+def route():
+    """The service's WSGI app: the click route counting into its segment."""
+    from counter.wsgi import application
+    return application
+
+
+def _one_increment(words):
+    """The empty callable plus one `words[i] += 1`, i stepping over all of `words`."""
+    step = [0]
+
+    def app(environ, start_response):
+        i = step[0] = (step[0] + 37) % WORDS
+        words[i] += 1
+        return empty(environ, start_response)
+    return app
+
+
+def increment_a_list():
+    return _one_increment([0] * WORDS)
+
+
+def increment_shared_memory():
+    """The same increment into a file of the tmpfs directory, mapped shared and
+    written through `memoryview.cast('q')`, as a segment is."""
+    fd, path = tempfile.mkstemp(dir=os.environ["SHM_DIR"], suffix=".ablation")
+    os.unlink(path)  # the mapping keeps it
+    os.posix_fallocate(fd, 0, 8 * WORDS)
+    return _one_increment(memoryview(mmap.mmap(fd, 8 * WORDS)).cast("q"))
+
+
+def _writes(offsets):
+    """The empty callable plus one byte written at each offset of a mapping."""
+    memory = mmap.mmap(-1, offsets[-1] + 1)
+    memory[:] = bytes(len(memory))  # fault every page in before serving
+
+    def app(environ, start_response):
+        for offset in offsets:
+            memory[offset] = 1
+        return empty(environ, start_response)
+    return app
+
+
+def writes_to_one_page():
+    return _writes([8 * i for i in range(64)])
+
+
+def writes_to_64_pages():
+    """The same 64 writes, each into a page of its own: if every request
+    started with an empty TLB, each page would cost a walk."""
+    return _writes([PAGE * i for i in range(64)])
+
+
+VARIANTS = {app.__name__: app for app in (
+    click_answer, route_counting_nothing, route, increment_a_list,
+    increment_shared_memory, writes_to_one_page, writes_to_64_pages)}
+VARIANTS["empty"] = lambda: empty
+
+application = VARIANTS[os.environ.get("ABLATION_VARIANT", "empty")]()

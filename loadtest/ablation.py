@@ -2,15 +2,17 @@
 each add one step of the route's work, served side by side and compared.
 
     python -m loadtest.ablation [--variants empty,click_answer,route_counting_nothing,route]
-                                [--rounds 10] [--seconds 4] [--starts 1] [--connections 64]
+                                [--rounds 4] [--seconds 3] [--starts 3] [--connections 64]
 
 Each variant (see loadtest/ablation_apps.py) runs in its own gunicorn with the
 service's settings (one meinheld worker, plus the flusher), all pinned to
 CPU 0; wrk, pinned to CPU 1, sends each the benchmark's clicks over 1,000
 banners in turn, in reverse order every other round, so the machine's drift
-hits all alike. For each variant it prints the median requests/s, the ratio
-to the first variant, and the worker's user and system CPU time per request
-(from /proc/<pid>/stat around each wrk run). Load goes to 127.0.0.1 only and
+hits all alike; all are started afresh `--starts` times, since a process
+can be faster or slower than another for its whole life. For each variant it
+prints the median requests/s, the ratio to the first variant (overall and per
+start), and the worker's user and system CPU time per request (from
+/proc/<pid>/stat around each wrk run). Load goes to 127.0.0.1 only and
 is bounded by time. DATABASE_URL is used when set, otherwise an embedded
 PostgreSQL.
 """
@@ -59,9 +61,9 @@ def start(variant, database_url, shm_dir):
     return bench.serve(command, env, url), url
 
 
-def compare(variants, database_url, rounds=10, seconds=4, starts=1, connections=64):
+def compare(variants, database_url, rounds=4, seconds=3, starts=3, connections=64):
     runs = {variant: [] for variant in variants}
-    for _ in range(starts):
+    for start_number in range(starts):
         servers, shm_dirs = {}, []
         try:
             for variant in variants:
@@ -75,6 +77,7 @@ def compare(variants, database_url, rounds=10, seconds=4, starts=1, connections=
                     user_after, system_after = cpu_seconds(workers[variant])
                     result["user_us"] = 1e6 * (user_after - user) / result["requests"]
                     result["system_us"] = 1e6 * (system_after - system) / result["requests"]
+                    result["start"] = start_number
                     runs[variant].append(result)
         finally:
             for proc, _ in servers.values():
@@ -86,7 +89,7 @@ def compare(variants, database_url, rounds=10, seconds=4, starts=1, connections=
 
 def summarize(runs):
     """Medians per variant, and each variant's median requests/s as a ratio
-    to the first variant's."""
+    to the first variant's, over all runs and within each start."""
     report = {}
     for variant, results in runs.items():
         report[variant] = {
@@ -98,9 +101,15 @@ def summarize(runs):
             "sent": sum(r["sent"] or 0 for r in results),
             "non_2xx": sum(r["non_2xx"] for r in results),
         }
-    baseline = report[next(iter(report))]["rps"]
-    for figures in report.values():
-        figures["ratio"] = round(figures["rps"] / baseline, 3)
+    def median_rps(results, start):
+        return statistics.median(r["rps"] for r in results if r["start"] == start)
+
+    first = next(iter(runs))
+    starts = sorted({r["start"] for r in runs[first]})
+    for variant, figures in report.items():
+        figures["ratio"] = round(figures["rps"] / report[first]["rps"], 3)
+        figures["ratio_by_start"] = [round(median_rps(runs[variant], start) / median_rps(runs[first], start), 3)
+                                     for start in starts]
     return report
 
 
@@ -108,9 +117,9 @@ def main():
     parser = argparse.ArgumentParser(description="where the click route's gap to the empty callable goes")
     parser.add_argument("--variants", default=DEFAULT_VARIANTS,
                         help="comma-separated names from loadtest/ablation_apps.py; the first is the baseline")
-    parser.add_argument("--rounds", type=int, default=10, help="runs per variant and start")
-    parser.add_argument("--seconds", type=int, default=4, help="per wrk run")
-    parser.add_argument("--starts", type=int, default=1, help="fresh starts of all servers")
+    parser.add_argument("--rounds", type=int, default=4, help="runs per variant and start")
+    parser.add_argument("--seconds", type=int, default=3, help="per wrk run")
+    parser.add_argument("--starts", type=int, default=3, help="fresh starts of all servers")
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
     from loadtest import ablation_apps  # names only; the apps are built in the workers

@@ -101,6 +101,7 @@ def summarize(runs):
             "sent": sum(r["sent"] or 0 for r in results),
             "non_2xx": sum(r["non_2xx"] for r in results),
         }
+
     def median_rps(results, start):
         return statistics.median(r["rps"] for r in results if r["start"] == start)
 

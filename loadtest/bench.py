@@ -100,7 +100,11 @@ def wrk(url, seconds, connections, script=None):
 def serve(command, env, url):
     proc = subprocess.Popen(pinned(0, command), env=env, cwd=str(ROOT),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_ready(url, proc)
+    try:
+        wait_ready(url, proc)
+    except BaseException:
+        stop(proc)  # a server that never answered is not left running
+        raise
     return proc
 
 

@@ -25,8 +25,8 @@ import statistics
 import sys
 import tempfile
 
-from counter import embedded, storage
-from loadtest import bench
+from counter import embedded
+from loadtest import bench, harness
 
 DEFAULT_VARIANTS = "empty,click_answer,route_counting_nothing,route"
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
@@ -41,12 +41,9 @@ def cpu_seconds(pid):
 
 def worker_pid(master_pid):
     """The gunicorn master's one worker: its child that is not the flusher."""
-    with open(f"/proc/{master_pid}/task/{master_pid}/children") as f:
-        children = f.read().split()
-    for child in children:
-        with open(f"/proc/{child}/cmdline", "rb") as f:
-            if b"flusher" not in f.read():
-                return int(child)
+    for child in harness.children(master_pid):
+        if "cli flusher" not in harness.cmdline(child):
+            return child
     raise RuntimeError("the server has no worker")
 
 
@@ -130,22 +127,9 @@ def main():
     if unknown or not variants:
         parser.error(f"unknown variants {unknown}; known: {', '.join(ablation_apps.VARIANTS)}")
 
-    server = data = None
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        data = tempfile.mkdtemp(prefix="cc-ablation-pg-")
-        server = embedded.EmbeddedPostgres(data)
-        url = server.start()
-    try:
-        conn = storage.connect(url)
-        storage.migrate(conn)
-        conn.close()
+    with bench.migrated_database() as url:
         print(json.dumps(compare(variants, url, args.rounds, args.seconds, args.starts,
                                  args.connections), indent=2))
-    finally:
-        if server is not None:
-            server.stop()
-            shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ DATABASE_URL is used when set, otherwise an embedded PostgreSQL.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -271,6 +272,27 @@ def bench_flush(database_url, keys=100_000, rounds=5):
     return {"rows": keys, "rounds": rounds, "new_rows": summary(made), "existing_rows": summary(added)}
 
 
+@contextlib.contextmanager
+def migrated_database():
+    """The URL of a migrated database: DATABASE_URL when set, otherwise an
+    embedded PostgreSQL that lives as long as the `with` block."""
+    url = os.environ.get("DATABASE_URL")
+    server = data = None
+    if not url:
+        data = tempfile.mkdtemp(prefix="cc-loadtest-pg-")
+        server = embedded.EmbeddedPostgres(data)
+        url = server.start()
+    try:
+        conn = storage.connect(url)
+        storage.migrate(conn)
+        conn.close()
+        yield url
+    finally:
+        if server is not None:
+            server.stop()
+            shutil.rmtree(data, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description="click-counter benchmark")
     parser.add_argument("--seconds", type=int, default=3, help="per wrk run")
@@ -284,17 +306,7 @@ def main():
     args = parser.parse_args()
     args.stacks = [name.strip() for name in args.stacks.split(",") if name.strip()]
 
-    server = None
-    url = os.environ.get("DATABASE_URL")
-    data = None
-    if not url:
-        data = tempfile.mkdtemp(prefix="cc-bench-pg-")
-        server = embedded.EmbeddedPostgres(data)
-        url = server.start()
-    try:
-        conn = storage.connect(url)
-        storage.migrate(conn)
-        conn.close()
+    with migrated_database() as url:
         report = {"cpus": os.cpu_count(), "workers": args.workers, "connections": args.connections}
         if not args.skip_http:
             report["nginx_return_204"] = bench_nginx(args)
@@ -306,10 +318,6 @@ def main():
                         report[stack]["click_route"]["rps"] / nginx_rps, 3)
         report["flush"] = bench_flush(url)
         print(json.dumps(report, indent=2))
-    finally:
-        if server is not None:
-            server.stop()
-            shutil.rmtree(data, ignore_errors=True)
 
 
 if __name__ == "__main__":

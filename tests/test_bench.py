@@ -55,3 +55,24 @@ def test_the_ablation_serves_each_variant_and_the_route_counts(database_url):
     # all answers were 2xx; the route stored each of them, and perhaps clicks
     # still in flight when wrk stopped; the other variants stored nothing
     assert 0 < report["route"]["answered"] <= stored <= report["route"]["sent"]
+
+
+def test_the_http_benchmark_takes_the_ratio_within_each_start(database_url):
+    """Two fresh starts of the empty callable and the service, one short round
+    each: a ratio per start, their median as the headline, and every answered
+    click stored."""
+    pytest.importorskip("meinheld")
+    import argparse
+    import statistics
+
+    args = argparse.Namespace(stacks=["gunicorn"], workers=1, starts=2, rounds=1, seconds=1,
+                              connections=16)
+    report = bench.bench_stack("gunicorn", database_url, args)
+    assert len(report["ratio_by_start"]) == 2 and all(r > 0 for r in report["ratio_by_start"])
+    # one round per start: each start's ratio is that start's pair of runs
+    assert report["ratio_by_start"] == report["round_ratios"]
+    assert report["ratio_to_own_ceiling"] == round(statistics.median(report["ratio_by_start"]), 3)
+    assert len(report["rounds_rps"]["empty_wsgi"]) == len(report["rounds_rps"]["click_route"]) == 2
+    assert report["stats_one_day"]["buckets"] == 1440
+    counted = report["stored_vs_answered"]
+    assert counted["answered_2xx"] > 0 and counted["ok"]

@@ -44,7 +44,7 @@ def test_the_ablation_serves_each_variant_and_the_route_counts(database_url):
     pytest.importorskip("meinheld")
     from loadtest import ablation
 
-    variants = ["empty", "route_counting_nothing", "route"]
+    variants = ["empty", "route_counting_nothing", "least_a_route_can_do", "route"]
     report = ablation.compare(variants, database_url, rounds=1, seconds=1, starts=2)
     assert list(report) == variants and report["empty"]["ratio_by_start"] == [1.0, 1.0]
     for figures in report.values():

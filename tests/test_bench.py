@@ -50,6 +50,7 @@ def test_the_ablation_serves_each_variant_and_the_route_counts(database_url):
     for figures in report.values():
         assert figures["runs"] == 2 and figures["non_2xx"] == 0 and figures["rps"] > 0
         assert len(figures["ratio_by_start"]) == 2
+        assert figures["median_ratio_of_starts"] == round(sum(figures["ratio_by_start"]) / 2, 3)
         assert figures["user_us_per_request"] + figures["system_us_per_request"] > 0
     [(stored,)] = query(database_url, "SELECT coalesce(sum(count), 0) FROM clicks")
     # all answers were 2xx; the route stored each of them, and perhaps clicks

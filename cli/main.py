@@ -153,19 +153,21 @@ def status():
               "ISO-8601, or e.g. -90d.")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def prune(before, yes):
-    """Delete click and campaign rows older than --before (retention).
+    """Delete click and campaign rows older than --before (retention), and the
+    impression dedup windows that closed before it (open ones are kept).
 
     \b
     Example:
       counter db prune --before -90d --yes
     """
     cutoff = _time(before, datetime.timezone.utc, datetime.datetime.now(datetime.timezone.utc), "--before")
-    counts = _query(storage.prune, cutoff, True)
+    dedup_ttl = _settings().dedup_ttl
+    counts = _query(storage.prune, cutoff, dedup_ttl, True)
     click.echo(f"rows before {times.show(cutoff, datetime.timezone.utc)}: "
                + ", ".join(f"{table} {n}" for table, n in counts.items()))
     if not yes and not click.confirm("delete them?", default=False):
         raise click.ClickException("nothing deleted")
-    counts = _query(storage.prune, cutoff)
+    counts = _query(storage.prune, cutoff, dedup_ttl)
     click.echo("deleted: " + ", ".join(f"{table} {n}" for table, n in counts.items()))
 
 

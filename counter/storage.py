@@ -394,16 +394,26 @@ def user_hash_key(conn) -> bytes:
         return bytes(cur.fetchone()[0])
 
 
-def prune(conn, before, dry_run=False):
-    """Delete click and campaign minute rows older than `before` (retention).
+def prune(conn, before, dedup_ttl, dry_run=False):
+    """Delete click and campaign minute rows older than `before`, and the dedup
+    windows that closed before it (retention). A window lasts `dedup_ttl`
+    seconds from its start and is kept while it is open, even when `before`
+    is later: a repeat inside it must still find it. Without its closed
+    window, a user's next impression counts, as it would anyway.
     Returns {table: rows}; with dry_run, counts them only."""
+    older = {
+        "clicks": ("ts < %s", (before,)),
+        "campaign_impressions": ("ts < %s", (before,)),
+        "impression_windows": ("window_start + %s * interval '1 second' <= least(%s, now())",
+                               (dedup_ttl, before)),
+    }
     counted = {}
     with conn, conn.cursor() as cur:
-        for table in ("clicks", "campaign_impressions"):
+        for table, (condition, args) in older.items():
             if dry_run:
-                cur.execute(f"SELECT count(*) FROM {table} WHERE ts < %s", (before,))
+                cur.execute(f"SELECT count(*) FROM {table} WHERE {condition}", args)
                 counted[table] = cur.fetchone()[0]
             else:
-                cur.execute(f"DELETE FROM {table} WHERE ts < %s", (before,))
+                cur.execute(f"DELETE FROM {table} WHERE {condition}", args)
                 counted[table] = cur.rowcount
     return counted

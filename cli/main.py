@@ -154,7 +154,8 @@ def status():
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
 def prune(before, yes):
     """Delete click and campaign rows older than --before (retention), and the
-    impression dedup windows that closed before it (open ones are kept).
+    impression dedup windows that closed before it and over a day ago. Run it
+    with the service's DEDUP_TTL.
 
     \b
     Example:

@@ -273,18 +273,21 @@ def test_db_prune_deletes_only_older_rows(known):
     assert run(["db", "prune", "--before", "whenever"], known).exit_code == 2
 
 
-def test_db_prune_deletes_only_closed_dedup_windows(known):
-    """A window lasts DEDUP_TTL from its start; prune removes those closed
-    before the cutoff and keeps open ones even when the cutoff is later."""
+def test_db_prune_deletes_only_dedup_windows_closed_long_enough(known):
+    """A window closes DEDUP_TTL after its start; prune removes those closed
+    before the cutoff and over a day ago, whatever the cutoff."""
     campaign = "6f1c3a52-0d47-4c8e-9a51-3f0c2b7d9e10"
-    windows = {b"closed long ago": "2023-12-31T10:00:00Z", b"closed after cutoff": "2024-01-01T11:30:00Z",
-               b"open now": None}
-    for user, start in windows.items():
+    starts = {  # DEDUP_TTL is 2 h here
+        b"closed long ago": "timestamptz '2023-12-31T10:00:00Z'",
+        b"closed after the cutoff": "timestamptz '2024-01-01T10:30:00Z'",  # at 11:30 with 1 h
+        b"closed an hour ago": "now() - interval '3 hours'",
+        b"open now": "now() - interval '10 minutes'",
+    }
+    for user, start in starts.items():
         query(known["DATABASE_URL"],
               "INSERT INTO impression_windows (campaign_id, user_hash, window_start, opened_by)"
-              " VALUES (%s, %s, coalesce(%s::timestamptz, now() - interval '10 minutes'), 1)",
-              (campaign, user, start))
-    env = dict(known, DEDUP_TTL="3600")
+              f" VALUES (%s, %s, {start}, 1)", (campaign, user))
+    env = dict(known, DEDUP_TTL="7200")
 
     def kept():
         return sorted(bytes(u) for (u,) in query(known["DATABASE_URL"], "SELECT user_hash FROM impression_windows"))
@@ -292,8 +295,8 @@ def test_db_prune_deletes_only_closed_dedup_windows(known):
     result = run(["db", "prune", "--before", "2024-01-01T12:00:00Z", "--yes"], env)
     assert result.exit_code == 0, result.output
     assert "deleted: clicks 4, campaign_impressions 0, impression_windows 1" in result.output
-    assert kept() == [b"closed after cutoff", b"open now"]
-    # a cutoff in the future: everything closed goes, the open window stays
+    assert kept() == [b"closed after the cutoff", b"closed an hour ago", b"open now"]
+    # a cutoff in the future: what closed over a day ago goes, the rest stays
     result = run(["db", "prune", "--before", "2030-01-01", "--yes"], env)
-    assert "impression_windows 1" in result.output.splitlines()[-1]
-    assert kept() == [b"open now"]
+    assert result.output.splitlines()[-1].endswith("impression_windows 1")
+    assert kept() == [b"closed an hour ago", b"open now"]

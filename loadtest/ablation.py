@@ -100,15 +100,10 @@ def summarize(runs):
             "non_2xx": sum(r["non_2xx"] for r in results),
         }
 
-    def median_rps(results, start):
-        return statistics.median(r["rps"] for r in results if r["start"] == start)
-
     first = next(iter(runs))
-    starts = sorted({r["start"] for r in runs[first]})
     for variant, figures in report.items():
         figures["ratio"] = round(figures["rps"] / report[first]["rps"], 3)
-        figures["ratio_by_start"] = [round(median_rps(runs[variant], start) / median_rps(runs[first], start), 3)
-                                     for start in starts]
+        figures["ratio_by_start"] = bench.ratios_by_start(runs[variant], runs[first])
         # the benchmark's headline: each start is one draw of every process's luck
         figures["median_ratio_of_starts"] = round(statistics.median(figures["ratio_by_start"]), 3)
     return report

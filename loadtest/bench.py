@@ -125,8 +125,14 @@ def _median_run(runs):
     return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
 
 
-def _median_rps(runs, start):
-    return statistics.median(r["rps"] for r in runs if r["start"] == start)
+def ratios_by_start(runs, baseline_runs):
+    """For each fresh start, in order, the median requests/s of `runs` over
+    that of `baseline_runs` in the same start (runs carry their "start")."""
+    def median_rps(of, start):
+        return statistics.median(r["rps"] for r in of if r["start"] == start)
+
+    return [round(median_rps(runs, start) / median_rps(baseline_runs, start), 3)
+            for start in sorted({r["start"] for r in baseline_runs})]
 
 
 def bench_stack(stack, database_url, args):
@@ -174,9 +180,7 @@ def bench_stack(stack, database_url, args):
         results["click_route"] = _median_run(click_runs)
         results["rounds_rps"] = {"empty_wsgi": [r["rps"] for r in empty_runs],
                                  "click_route": [r["rps"] for r in click_runs]}
-        results["ratio_by_start"] = sorted(
-            round(_median_rps(click_runs, start) / _median_rps(empty_runs, start), 3)
-            for start in range(args.starts))
+        results["ratio_by_start"] = sorted(ratios_by_start(click_runs, empty_runs))
         results["ratio_to_own_ceiling"] = round(statistics.median(results["ratio_by_start"]), 3)
         # each round's click run over the empty run beside it: the spread
         # shows how far the machine drifts from one run to the next

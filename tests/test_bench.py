@@ -1,5 +1,9 @@
-"""The benchmark's flusher measurement, small: it must run, time the path it
-names, and the rows it times must hold exactly the clicks it counted."""
+"""The measurement tools, run small against a real PostgreSQL and real
+server trees: the benchmark's flush and HTTP parts, the instruction count,
+and the ablation. Each must run, and what it stores must match what it counted."""
+
+import argparse
+import statistics
 
 import pytest
 
@@ -63,9 +67,6 @@ def test_the_http_benchmark_takes_the_ratio_within_each_start(database_url):
     each: a ratio per start, their median as the headline, and every answered
     click stored."""
     pytest.importorskip("meinheld")
-    import argparse
-    import statistics
-
     args = argparse.Namespace(stacks=["gunicorn"], workers=1, starts=2, rounds=1, seconds=1,
                               connections=16)
     report = bench.bench_stack("gunicorn", database_url, args)

@@ -207,11 +207,12 @@ class ImpressionResource:
 
 
 class HealthResource:
-    def __init__(self, shm_dir):
+    def __init__(self, shm_dir, flush_interval):
         self._shm_dir = shm_dir
+        self._flush_interval = flush_interval
 
     def on_get(self, req, resp):
-        resp.media = health.report(self._shm_dir, time.time())
+        resp.media = health.report(self._shm_dir, time.time(), self._flush_interval)
 
 
 class HeartbeatResource:
@@ -289,7 +290,7 @@ def create_app(settings, clicks, database, views=None, stats=None) -> falcon.App
     app.add_route("/api/v1/campaigns/{campaign_id}/stats", CampaignStatsResource(database))
     app.add_route("/api/v1/impressions",
                   ImpressionResource(views, cache, database, stats, settings.user_hash_key))
-    app.add_route("/health", HealthResource(settings.shm_dir))
+    app.add_route("/health", HealthResource(settings.shm_dir, settings.flush_interval))
     app.add_route("/metrics", MetricsResource(settings.shm_dir))
     app.add_route("/openapi.json", OpenApiResource())
     app.add_route("/v1/healthcheck", HeartbeatResource())

@@ -74,6 +74,14 @@ def _number(env, name, default, kind, minimum, maximum=None):
     return value
 
 
+def bytes_per_worker(segment_slots: int, impression_slots: int) -> int:
+    """Shared memory one worker may need: at a minute change it briefly holds
+    two click segments (the sealed one until it is flushed) and may hold two
+    impression logs."""
+    return 2 * (segment.file_size(segment_slots)
+                + segment.file_size(impression_slots, impressions.IMPRESSIONS.record_words))
+
+
 def load(env: Optional[Mapping[str, str]] = None) -> Settings:
     """Build and validate the settings; raise ConfigError with a clear message."""
     env = os.environ if env is None else env
@@ -102,10 +110,7 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
     slots = _number(env, "SEGMENT_SLOTS", 16384, int, 16, 1 << 24)
     impression_slots = _number(env, "IMPRESSION_SLOTS", 16384, int, 16, 1 << 24)
     max_bytes = _number(env, "SHM_MAX_BYTES", 256 << 20, int, 1 << 16)
-    # At a minute change every worker briefly holds two click segments (the
-    # sealed one until it is flushed) and may hold two impression logs.
-    per_worker = 2 * (segment.file_size(slots)
-                      + segment.file_size(impression_slots, impressions.IMPRESSIONS.record_words))
+    per_worker = bytes_per_worker(slots, impression_slots)
     if workers * per_worker > max_bytes:
         raise ConfigError(
             f"SHM_MAX_BYTES={max_bytes} is too small for WORKERS={workers}: each worker needs "

@@ -24,13 +24,16 @@ import random
 import signal
 import time
 
-from counter import impressions, segment, storage, worker_stats
+from counter import impressions, segment, shm_directory, storage, worker_stats
 
 log = logging.getLogger("counter.flusher")
 
 STATUS_FILE = "flusher.json"
 LOCK_FILE = "flusher.lock"
 STALE_TEMPORARY = 60.0  # seconds; a half-made segment file older than this is abandoned
+# Every kind of segment file the flusher drains, with its flusher-side class.
+SEGMENT_KINDS = ((segment.CLICKS, segment.SegmentFile),
+                 (impressions.IMPRESSIONS, impressions.ImpressionLogFile))
 
 
 class Flusher:
@@ -160,15 +163,21 @@ class Flusher:
         return removed
 
     def _refresh(self):
-        """Open segment files that appeared; clean abandoned temporary files."""
-        for kind, opener in ((segment.CLICKS, segment.SegmentFile),
-                             (impressions.IMPRESSIONS, impressions.ImpressionLogFile)):
+        """Open segment files that appeared; put back removed ones whose owner
+        is gone; clean abandoned temporary files."""
+        self._put_back_removed()
+        if not os.path.isdir(self.shm_dir):
+            return  # removed under us: the next round makes it again (see _relock)
+        for kind, opener in SEGMENT_KINDS:
             for path in segment.list_segments(self.shm_dir, kind.suffix):
                 if path not in self.segments:
                     try:
-                        self.segments[path] = opener(path)
+                        seg = opener(path)
                     except (ValueError, OSError) as exc:
                         log.error("unreadable segment path=%s error=%s", path, exc)
+                        continue
+                    seg.hold()
+                    self.segments[path] = seg
         now = time.time()
         for name in os.listdir(self.shm_dir):
             if name.endswith(".tmp"):
@@ -178,6 +187,24 @@ class Flusher:
                         os.unlink(path)
                 except FileNotFoundError:
                     pass
+
+    def _put_back_removed(self):
+        """Mapped segments whose files were removed (DESIGN invariant 11): one
+        that its writer already republished is left (the copy is live); one
+        whose owner is gone is republished here, its copy mapped next; one
+        with a live owner is drained as usual -- its owner republishes it
+        only if this flusher dies first."""
+        for path, seg in list(self.segments.items()):
+            if not seg.unlinked():
+                continue
+            if not seg.words[segment.MOVED]:
+                if not seg.owner_gone():
+                    continue
+                shm_directory.note_removal(self.shm_dir, f"flusher {os.getpid()}")
+                seg.put_back(self.shm_dir)
+                log.warning("segment %s put back in %s", seg.id, self.shm_dir)
+            seg.close()
+            del self.segments[path]
 
     def unflushed(self) -> int:
         return sum(s.unflushed() for s in self.segments.values())
@@ -237,6 +264,7 @@ class Flusher:
         lock = self._lock(stop)
         if lock is None:
             return False
+        node = shm_directory.read_node(self.shm_dir)
         status = StatusFile(self.shm_dir)
         failures = 0
         try:
@@ -244,7 +272,9 @@ class Flusher:
                 started = time.monotonic()
                 stopping = stop.is_set()
                 if not self._lock_is_current(lock):
-                    return False
+                    lock = self._relock(lock, node)
+                    if lock is None:
+                        return False
                 try:
                     result = self.flush_once()
                 except (storage.DatabaseError, OSError) as exc:
@@ -282,19 +312,37 @@ class Flusher:
                 stop.wait(max(0.0, interval - (time.monotonic() - started)))
         finally:
             self.close()
-            os.close(lock)
+            if lock is not None:
+                os.close(lock)
 
     def _lock_is_current(self, lock) -> bool:
-        """False if the directory's lock file was replaced under us (the
-        directory was removed and made again): a new flusher may be working
-        it, so this one must stop."""
+        """False if the directory's lock file is gone or was replaced: the
+        directory was removed (and maybe made again) under us."""
         try:
-            same = os.fstat(lock).st_ino == os.stat(os.path.join(self.shm_dir, LOCK_FILE)).st_ino
+            return os.fstat(lock).st_ino == os.stat(os.path.join(self.shm_dir, LOCK_FILE)).st_ino
         except FileNotFoundError:
-            same = False
-        if not same:
-            log.error("%s was replaced; this flusher stops", self.shm_dir)
-        return same
+            return False
+
+    def _relock(self, old_lock, node):
+        """After the directory was removed: make it again with its node file,
+        and take the new lock. The segments mapped here are drained as usual
+        (see _put_back_removed). Returns the new lock, or None when another
+        flusher already has it: then the segments whose owner is gone are put
+        back for it, the rest are let go (their owners put them back), and
+        this flusher stops."""
+        shm_directory.note_removal(self.shm_dir, f"flusher {os.getpid()}")
+        shm_directory.restore_node(self.shm_dir, node)
+        fd = os.open(os.path.join(self.shm_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            log.warning("another flusher works the recreated %s; handing over to it", self.shm_dir)
+            self._put_back_removed()
+            os.close(old_lock)
+            return None
+        os.close(old_lock)
+        return fd
 
     def _lock(self, stop):
         """Take the directory's flusher lock, waiting while another flusher has it."""

@@ -49,25 +49,34 @@ class ImpressionLog(segment.Writer):
 
     def append(self, campaign_id: uuid.UUID, hashed_user: bytes) -> bool:
         """Record one impression now; False when it cannot be stored (memory bound)."""
+        now = self.clock()
+        self._tick(now)
         if self._words is None or self._used == self.slots:
-            if not self._start_log():
+            if not self._start_log(now):
                 return False
         first = segment.HEADER_WORDS + IMPRESSIONS.record_words * self._used
         w = self._words
         w[first], w[first + 1] = _words(campaign_id.bytes)
         w[first + 2], w[first + 3] = _words(hashed_user)
-        w[first + 4] = int(self.clock() * 1_000_000)
+        w[first + 4] = int(now * 1_000_000)
         self._used += 1
         w[segment.USED] = self._used  # publish only after the record is written
         return True
 
-    def _start_log(self) -> bool:
-        log = self._create(int(self.clock() // 60), IMPRESSIONS)
+    def _start_log(self, now) -> bool:
+        log = self._create(int(now // 60), IMPRESSIONS)
         if log is None:
             return False
         self._switch_to(log)
         self._used = 0
         return True
+
+    def _seal_current(self):
+        super()._seal_current()
+        self._used = 0
+
+    def _unflushed(self, words) -> int:
+        return words[segment.USED] - words[FLUSHED_USED]
 
 
 class ImpressionLogFile(segment.MappedSegment):

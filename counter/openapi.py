@@ -137,9 +137,12 @@ SCHEMAS = {
                         "stats": {"type": "array", "items": {
                             "type": "object", "required": ["ts", "v"], "additionalProperties": False,
                             "properties": {"ts": _TIME, "v": {"type": "integer", "minimum": 1}}}}}},
-    "Health": {"type": "object", "required": ["status", "database", "flusher", "pending"],
+    "Health": {"type": "object", "required": ["status", "problems", "database", "flusher", "pending",
+                                              "refusals", "shm"],
                "properties": {
                    "status": {"type": "string", "enum": ["ok", "degraded"]},
+                   "problems": {"type": "array", "items": {"type": "string"},
+                                "description": "Why the status is degraded (empty when ok)."},
                    "database": {"type": "object", "required": ["reachable"],
                                 "properties": {"reachable": {"type": "boolean"},
                                                "error": {"type": "string"}}},
@@ -147,10 +150,22 @@ SCHEMAS = {
                        "pid": {"type": "integer", "nullable": True},
                        "alive": {"type": "boolean"},
                        "lag_seconds": {"type": "number", "nullable": True},
+                       "stalled": {"type": "boolean", "description":
+                                   "No commit for max(5 x FLUSH_INTERVAL, 5 s)."},
                        "last_flush_at": {"type": "number", "nullable": True},
                        "last_error": {"type": "string", "nullable": True},
                        "last_error_at": {"type": "number", "nullable": True}}},
-                   "pending": {"type": "integer", "minimum": 0}}},
+                   "pending": {"type": "integer", "minimum": 0, "description":
+                               "Clicks and impressions in shared memory, not yet in the database, "
+                               "read from the segments at the time of asking."},
+                   "refusals": {"type": "object", "required": ["recent"], "properties": {
+                       "last_at": {"type": "number", "nullable": True},
+                       "recent": {"type": "boolean", "description": "A 503 for lack of memory "
+                                  "in the last 10 s."}}},
+                   "shm": {"type": "object", "required": ["dir", "recreated_at"], "properties": {
+                       "dir": {"type": "string"},
+                       "recreated_at": {"type": "number", "nullable": True, "description":
+                                        "When SHM_DIR was last found removed and made again."}}}}},
     "Heartbeat": {"type": "object", "required": ["status"],
                   "properties": {"status": {"type": "string", "enum": ["ok"]}}},
     "NewCampaign": {"type": "object", "required": ["name", "start_time"], "properties": {

@@ -12,6 +12,8 @@ Every field has exactly one writer (DESIGN invariant 2):
       6 SEALED (1 = worker is done)         worker
       7 FLUSHED_SEQ, 8 PENDING_SEQ          flusher
       9 PENDING_USED                        flusher
+     15 MOVED (1 = the file was republished  whoever republished it
+        and its copy is the live one)
     record i (4 x int64) at word 16 + 4*i
       BANNER, COUNT                         worker
       FLUSHED, PENDING                      flusher
@@ -23,8 +25,21 @@ never sees a half-written header. (The order of plain stores is kept by x86's
 memory model; other architectures would need barriers.)
 
 Owner liveness: the writing process holds a shared flock on its segment for
-as long as it may write. The flusher knows the owner is gone -- killed,
-exited, in whatever pid namespace -- when it can take an exclusive lock.
+as long as it may write, and after sealing it until the flusher has drained
+it. The flusher knows the owner is gone -- killed, exited, in whatever pid
+namespace -- when it can take an exclusive lock. (OWNER_PID and OWNER_START
+are written for people reading a file; nothing decides on them.)
+
+Unlinked is not gone (invariant 11): a tmp cleaner or systemd-logind's
+RemoveIPC may delete the directory while the service runs. The mappings
+still hold the counts, so whoever holds a mapping puts the file back: the
+flusher holds a POSIX record lock (FLUSHER_HOLDS) on every file it has
+mapped; a writer finds its unlinked files at its once-a-second housekeeping
+and, once no flusher holds one, republishes it whole -- flusher fields and
+all, under the same name -- in the recreated directory (``republish``). The
+flusher republishes the unlinked files whose owner is gone. Both sides'
+fields travel together, so the exactly-once protocol goes on as if nothing
+happened: the sequence row in the database is keyed by the same name.
 A file's memory is allocated when it is made (posix_fallocate), so a full
 tmpfs is a clean "no room" (503), never a SIGBUS on a later write.
 
@@ -36,13 +51,22 @@ so a reader sees either the old or the new value, never a torn one.
 import array
 import collections
 import fcntl
+import logging
 import mmap
 import os
 import re
 import secrets
 import time
 
+from counter.shm_directory import note_removal, process_start_time  # noqa: F401 (re-exported)
+
+log = logging.getLogger("counter.segment")
+
 HEADER_WORDS = 16
+HOUSEKEEPING_INTERVAL = 1.0  # seconds between a writer's checks, made off the per-click path
+# A byte range (past any file's end) that a flusher read-locks on each file it
+# maps: a writer republishes an unlinked file only when nobody holds it.
+FLUSHER_HOLDS = (1 << 40, 1)
 
 # A kind of segment file: its magic number, file suffix and record size.
 Kind = collections.namedtuple("Kind", "magic suffix record_words")
@@ -55,25 +79,13 @@ SUFFIX = CLICKS.suffix
 # header words
 OWNER_PID, OWNER_START, MINUTE, CAPACITY, USED, SEALED = 1, 2, 3, 4, 5, 6
 FLUSHED_SEQ, PENDING_SEQ, PENDING_USED = 7, 8, 9
+MOVED = 15  # 1 = republished elsewhere (the copy is the live file); written by the republisher
 # record words, relative to the record's first word
 BANNER, COUNT, FLUSHED, PENDING = 0, 1, 2, 3
 
 
 def file_size(slots: int, record_words: int = RECORD_WORDS) -> int:
     return 8 * (HEADER_WORDS + record_words * slots)
-
-
-def process_start_time(pid: int):
-    """The kernel's start time of ``pid`` (clock ticks since boot), or None if
-    there is no such process. With the pid it names one process for good, even
-    after the pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return None
-    # the command name may hold spaces and parentheses: fields start after the last ')'
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
 
 
 def segment_bytes(directory) -> int:
@@ -99,21 +111,65 @@ class Owned:
         self.words = memoryview(mapping).cast("q")
 
     def seal(self):
-        """No more writes: mark it sealed, unmap it, drop the owner's lock."""
+        """No more writes. The file stays mapped and locked until released."""
         self.words[SEALED] = 1
+
+    def release(self):
+        """Unmap it and drop the owner's lock (the flusher may retire it then)."""
         self.words.release()
         self._mapping.close()
         os.close(self._fd)
+
+    def unlinked(self) -> bool:
+        return os.fstat(self._fd).st_nlink == 0
+
+    def held_by_flusher(self) -> bool:
+        """True while a flusher has this file mapped (holds FLUSHER_HOLDS)."""
+        start, length = FLUSHER_HOLDS
+        try:
+            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
+        except OSError:
+            return True
+        fcntl.lockf(self._fd, fcntl.LOCK_UN, length, start)
+        return False
 
 
 def create(directory, minute: int, slots: int, kind: Kind = CLICKS) -> Owned:
     """Create, initialise and publish a segment file owned by this process.
     Raises OSError (e.g. ENOSPC when the tmpfs is full), leaving nothing behind."""
     pid = os.getpid()
-    name = f"{minute}-{pid}-{secrets.token_hex(8)}"
-    final = os.path.join(directory, name + kind.suffix)
-    temporary = os.path.join(directory, "." + name + ".tmp")
-    size = file_size(slots, kind.record_words)
+    name = f"{minute}-{pid}-{secrets.token_hex(8)}{kind.suffix}"
+
+    def fill(words):
+        words[OWNER_PID] = pid
+        words[OWNER_START] = process_start_time(pid) or 0
+        words[MINUTE] = minute
+        words[CAPACITY] = slots
+        words[0] = kind.magic
+
+    return _publish(directory, name, file_size(slots, kind.record_words), fill)
+
+
+def republish(owned: Owned, directory) -> Owned:
+    """Copy an unlinked segment whole -- both sides' fields, same name -- into
+    `directory`, and return the copy (owned by this process, as the old one
+    was). The caller makes sure nobody writes the old one meanwhile: it is
+    sealed or its owner gone, and no flusher holds it."""
+    old = owned.words
+
+    def fill(words):
+        words[1:] = old[1:]
+        words[0] = old[0]  # the magic last: a reader takes the file only whole
+
+    return _publish(directory, os.path.basename(owned.path), len(old) * 8, fill)
+
+
+def _publish(directory, name, size, fill) -> Owned:
+    """Make a file of `size` bytes under a temporary name, share-lock and map
+    it, let `fill` write its words, then rename it to `name`: a reader never
+    sees a half-written header. Raises OSError, leaving nothing behind."""
+    final = os.path.join(directory, name)
+    temporary = os.path.join(directory, "." + name.rsplit(".", 1)[0] + ".tmp")
     fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH)
@@ -124,19 +180,21 @@ def create(directory, minute: int, slots: int, kind: Kind = CLICKS) -> Owned:
         os.unlink(temporary)
         raise
     owned = Owned(final, fd, mapping)
-    words = owned.words
-    words[OWNER_PID] = pid
-    words[OWNER_START] = process_start_time(pid) or 0
-    words[MINUTE] = minute
-    words[CAPACITY] = slots
-    words[0] = kind.magic
+    fill(owned.words)
     os.rename(temporary, final)
     return owned
 
 
 class Writer:
     """What a worker-side writer of any kind holds: its current segment
-    (`_segment`, with `path` and `_words`) and the bounds it works within."""
+    (`_segment`, with `path` and `_words`), the sealed ones it keeps mapped
+    until the flusher has drained them, and the bounds it works within.
+
+    Subclasses call ``_tick(now)`` off their per-record path at least once a
+    second (see SegmentWriter.add) and say how much of a segment is unflushed.
+    """
+
+    kind = CLICKS
 
     def __init__(self, directory, slots: int, max_bytes: int, clock=time.time):
         self.directory = str(directory)
@@ -146,6 +204,8 @@ class Writer:
         self.path = None
         self._segment = None
         self._words = None
+        self._sealed = []  # sealed segments, kept mapped until drained (invariant 11)
+        self._housekeeping_at = 0.0
 
     def _create(self, minute: int, kind: Kind):
         """A new segment of `kind` owned by this process, or None when the
@@ -160,14 +220,73 @@ class Writer:
 
     def _switch_to(self, segment: "Owned"):
         """Seal the current segment (if any) and make `segment` current."""
-        self.close()
+        self._seal_current()
         self._segment, self.path, self._words = segment, segment.path, segment.words
 
-    def close(self):
-        """Seal the current segment: the flusher drains it once more and removes it."""
+    def _seal_current(self):
+        """No more writes to the current segment; the flusher drains it once
+        more and removes it. It stays mapped until then."""
         if self._segment is not None:
             self._segment.seal()
+            self._sealed.append(self._segment)
             self._segment = self.path = self._words = None
+
+    def _tick(self, now: float):
+        """Housekeeping, at most once a second: notice that the current
+        segment's file was removed (then seal it, so that the next record
+        starts a new file in the recreated directory), and look after the
+        sealed ones."""
+        if now < self._housekeeping_at:
+            return
+        self._housekeeping_at = now + HOUSEKEEPING_INTERVAL
+        if self._segment is not None and self._segment.unlinked():
+            note_removal(self.directory, f"worker {os.getpid()}")
+            self._seal_current()
+        self._sealed = [kept for owned in self._sealed
+                        for kept in [self._look_after(owned)] if kept is not None]
+
+    def _look_after(self, owned: Owned):
+        """A sealed segment once more: released when drained, republished
+        when its file was removed and no flusher has it mapped. Returns what
+        is to be kept (the segment, its copy) or None."""
+        start, length = FLUSHER_HOLDS
+        try:  # held while deciding: no flusher may take the file up meanwhile
+            fcntl.lockf(owned._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
+        except OSError:
+            return owned  # a flusher has it mapped: it drains it
+        w = owned.words
+        if w[PENDING_SEQ] == w[FLUSHED_SEQ] and self._unflushed(w) == 0:
+            owned.release()
+            return None
+        if not owned.unlinked():
+            fcntl.lockf(owned._fd, fcntl.LOCK_UN, length, start)
+            return owned  # the flusher has not taken it up yet
+        try:
+            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            copy = republish(owned, self.directory)
+        except OSError as exc:
+            log.error("cannot put segment %s back in %s (%s); trying again",
+                      os.path.basename(owned.path), self.directory, exc)
+            fcntl.lockf(owned._fd, fcntl.LOCK_UN, length, start)
+            return owned
+        w[MOVED] = 1  # a flusher that opened the old file meanwhile leaves it
+        owned.release()
+        log.warning("segment %s put back in %s", os.path.basename(copy.path), self.directory)
+        return copy
+
+    def _unflushed(self, words) -> int:
+        """Records (clicks, impressions) counted in `words` and not yet flushed."""
+        raise NotImplementedError
+
+    def close(self):
+        """At exit: seal the current segment, put back what was removed, and
+        let go of everything (the flusher drains and removes the files)."""
+        self._seal_current()
+        self._housekeeping_at = 0.0
+        self._tick(self.clock())
+        for owned in self._sealed:
+            owned.release()
+        self._sealed = []
 
 
 class SegmentWriter(Writer):
@@ -183,13 +302,14 @@ class SegmentWriter(Writer):
         self._used = 0
         self._minute_start = 0.0
         self._minute_end = 0.0  # the current segment counts clicks in [start, end)
+        self._check_at = 0.0  # the minute's end, or the next housekeeping if sooner
         self._retry_at = 0.0  # while out of memory, when to look again
 
     def add(self, banner_id: int) -> bool:
         """Count one click now; False when it cannot be stored (memory bound)."""
         now = self.clock()
-        if not self._minute_start <= now < self._minute_end:
-            if not self._start_segment(now):
+        if not self._minute_start <= now < self._check_at:
+            if not self._next(now):
                 return False
         word = self._index.get(banner_id)
         if word is None:
@@ -198,6 +318,15 @@ class SegmentWriter(Writer):
                 return False
         self._words[word] += 1
         return True
+
+    def _next(self, now) -> bool:
+        """Off the per-click path: housekeeping, then a new segment if the
+        minute is over or the current one was sealed."""
+        self._tick(now)
+        if self._segment is not None and self._minute_start <= now < self._minute_end:
+            self._check_at = min(self._minute_end, self._housekeeping_at)
+            return True
+        return self._start_segment(now)
 
     def _publish(self, banner_id, now):
         if self._used == self.slots and not self._start_segment(now):
@@ -222,19 +351,35 @@ class SegmentWriter(Writer):
         if segment is None:
             self._retry_at = retry + 0.25
             if self._words is not None and self._words[MINUTE] != minute:
-                self.close()  # its minute is over; nothing may count into it now
+                self._seal_current()  # its minute is over; nothing may count into it now
+                self._reset()
             return False
         self._switch_to(segment)
-        self._index = {}
-        self._used = 0
+        self._reset()
         self._minute_start = minute * 60.0
         self._minute_end = self._minute_start + 60.0
+        self._check_at = min(self._minute_end, self._housekeeping_at)
         return True
 
-    def close(self):
-        super().close()
+    def _seal_current(self):
+        super()._seal_current()
+        self._reset()
+
+    def _reset(self):
         self._index = {}
-        self._minute_start = self._minute_end = 0.0
+        self._used = 0
+        self._minute_start = self._minute_end = self._check_at = 0.0
+
+    def _unflushed(self, words) -> int:
+        used = words[USED]
+        return (sum(words[_column(COUNT, used)].tolist())
+                - sum(words[_column(FLUSHED, used)].tolist()))
+
+
+def _column(field: int, records: int) -> slice:
+    """The words of a click segment's `field` in records [0, records)."""
+    start = HEADER_WORDS + field
+    return slice(start, start + RECORD_WORDS * records, RECORD_WORDS)
 
 
 class MappedSegment:
@@ -267,16 +412,36 @@ class MappedSegment:
         os.close(self._fd)
 
     def finished(self) -> bool:
-        """True once nothing more can arrive: sealed, or its owner is gone
-        (its shared lock is released: the exclusive one can be had)."""
-        if self.words[SEALED] or self._owner_gone:
+        """True once nothing more can arrive: sealed, or its owner is gone."""
+        return bool(self.words[SEALED]) or self.owner_gone()
+
+    def owner_gone(self) -> bool:
+        """True once no process holds the owner's shared lock (the exclusive
+        one can be had). It is then kept: nobody can own the file again."""
+        if self._owner_gone:
             return True
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return False
-        self._owner_gone = True  # kept locked: nobody can own it again
+        self._owner_gone = True
         return True
+
+    def hold(self):
+        """Tell writers this flusher has the file mapped (see FLUSHER_HOLDS).
+        Waits while a writer decides whether to republish it: check
+        ``unlinked`` afterwards."""
+        start, length = FLUSHER_HOLDS
+        fcntl.lockf(self._fd, fcntl.LOCK_SH, length, start)
+
+    def unlinked(self) -> bool:
+        return os.fstat(self._fd).st_nlink == 0
+
+    def put_back(self, directory):
+        """Republish this unlinked file, whose owner is gone, in `directory`;
+        the caller closes this one and maps the copy."""
+        republish(self, directory).release()  # the copy has no owner, as this one had none
+        self.words[MOVED] = 1
 
     @property
     def settled(self) -> bool:

@@ -5,12 +5,13 @@ these from gunicorn's hooks; granian_serve calls prepare and
 shutdown_database around granian. Each does one thing.
 """
 
+import dataclasses
 import importlib.util
 import logging
 import os
 import sys
 
-from counter import embedded, storage, supervisor, worker
+from counter import config, embedded, segment, shm_directory, storage, supervisor, worker
 
 log = logging.getLogger("counter.service")
 
@@ -47,11 +48,47 @@ def check_single_threaded(cfg):
                  "(each worker's segment has a single writer); drop --threads / gthread")
 
 
+def claim_shm_dir(settings):
+    """Make this service the owner of SHM_DIR, or exit with one line naming
+    the live service that owns it (two services on one directory would
+    fight over its segments and its flusher)."""
+    database = (storage.redact(settings.database_url) if settings.database_url
+                else f"embedded PostgreSQL in {settings.data_dir}")
+    try:
+        shm_directory.claim(str(settings.shm_dir), bind=settings.bind, database=database)
+    except shm_directory.InUse as exc:
+        sys.exit(f"cannot start: {exc}")
+
+
+def fit_shm_bound(settings):
+    """Compare SHM_MAX_BYTES with the room the tmpfs has: lower the bound,
+    loudly, when the tmpfs is smaller (a full tmpfs would refuse every click
+    with no word why); exit with one line when not even every worker's
+    segments fit. Returns the settings in force."""
+    directory = str(settings.shm_dir)
+    room = shm_directory.free_bytes(directory) + segment.segment_bytes(directory)
+    if room >= settings.shm_max_bytes:
+        return settings
+    needed = settings.workers * config.bytes_per_worker(settings.segment_slots, settings.impression_slots)
+    if room < needed:
+        sys.exit(f"cannot start: SHM_DIR {directory} has {room} bytes of room, less than "
+                 f"SHM_MAX_BYTES={settings.shm_max_bytes} and less than the {needed} bytes that "
+                 f"WORKERS={settings.workers} need; give that tmpfs more room (docker: --shm-size) "
+                 f"or lower WORKERS, SEGMENT_SLOTS or IMPRESSION_SLOTS")
+    log.warning("SHM_DIR %s has %d bytes of room, less than SHM_MAX_BYTES=%d: using "
+                "SHM_MAX_BYTES=%d, so that clicks past it get a 503 instead of a full tmpfs",
+                directory, room, settings.shm_max_bytes, room)
+    os.environ["SHM_MAX_BYTES"] = str(room)  # the workers and the flusher read it at their start
+    return dataclasses.replace(settings, shm_max_bytes=room)
+
+
 def prepare(settings):
-    """Before the first fork: the shared-memory directory, the database
-    (embedded when DATABASE_URL is unset) and its migrations."""
+    """Before the first fork: the shared-memory directory (claimed, with room
+    checked), the database (embedded when DATABASE_URL is unset) and its
+    migrations."""
     global _embedded
-    os.makedirs(settings.shm_dir, mode=0o700, exist_ok=True)
+    claim_shm_dir(settings)
+    fit_shm_bound(settings)
     url = settings.database_url
     if url is None:
         _embedded = embedded.EmbeddedPostgres(settings.data_dir)

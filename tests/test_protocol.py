@@ -380,23 +380,6 @@ def test_a_stopping_flusher_waits_for_live_owners_to_finish(shm, database_url):
     assert query(database_url, "SELECT count(*) FROM segment_flushes") == [(0,)]  # no leaked rows
 
 
-def test_a_flusher_stops_when_its_directory_is_replaced(shm, database_url):
-    import shutil
-    import threading
-    import time
-
-    stop = StopSignal(5.0)
-    f = Flusher(shm, database_url)
-    done = []
-    thread = threading.Thread(target=lambda: done.append(f.run(stop, interval=0.05)))
-    thread.start()
-    time.sleep(0.3)
-    shutil.rmtree(shm)
-    os.mkdir(shm)
-    thread.join(timeout=5)
-    assert done == [False]
-
-
 def test_a_commit_still_in_flight_is_waited_for_not_dropped(shm, database_url):
     """The flush transaction holds its segments' sequence rows until it ends;
     settling takes the same rows FOR UPDATE, so it cannot read the old sequence

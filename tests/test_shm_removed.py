@@ -1,0 +1,134 @@
+"""SHM_DIR removed while the service runs (a tmp cleaner, systemd-logind's
+RemoveIPC) loses nothing that was answered 2xx (DESIGN invariant 11): the
+mappings still hold the counts, and whoever holds a mapping puts the file
+back in the recreated directory."""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+
+import pytest
+
+from conftest import clicks_by_banner, wait_until
+from counter import segment, shm_directory
+from counter.flusher import LOCK_FILE, Flusher, StopSignal
+from loadtest import audit, clicker
+
+
+class Clock:
+    def __init__(self):
+        self.now = time.time()
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def shm(tmp_path):
+    path = tmp_path / "shm"
+    path.mkdir()
+    return str(path)
+
+
+def test_a_writer_puts_its_removed_segment_back_for_the_next_flusher(shm, database_url):
+    clock = Clock()
+    w = segment.SegmentWriter(shm, 64, 1 << 20, clock=clock)
+    for _ in range(3):
+        assert w.add(1)
+    shutil.rmtree(shm)  # no flusher had the segment mapped
+    clock.now += segment.HOUSEKEEPING_INTERVAL  # the writer's next housekeeping
+    assert w.add(1)
+    # the old segment is back under its own name, the new click in a new one
+    assert len(segment.list_segments(shm)) == 2
+    assert shm_directory.recreated_at(shm) is not None
+    f = Flusher(shm, database_url)
+    f.flush_once()
+    assert clicks_by_banner(database_url) == {1: 4}
+    w.close()
+    f.flush_once()
+    f.close()
+    assert clicks_by_banner(database_url) == {1: 4}
+
+
+def test_a_flusher_puts_back_a_removed_segment_whose_owner_is_gone(shm, database_url):
+    w = segment.SegmentWriter(shm, 64, 1 << 20)
+    assert w.add(1)
+    first = Flusher(shm, database_url)
+    first.flush_once()  # mapped and held by this flusher from now on
+    for banner in (1, 2):
+        assert w.add(banner)
+    w._segment.release()  # the worker dies without sealing (kill -9): only the flusher maps it
+    shutil.rmtree(shm)
+    first._put_back_removed()  # what the flusher does at the start of every round
+    assert shm_directory.recreated_at(shm) is not None
+    first.close()  # ... and then it dies before it has drained
+    second = Flusher(shm, database_url)
+    second.flush_once()
+    second.flush_once()
+    second.close()
+    assert clicks_by_banner(database_url) == {1: 2, 2: 1}
+    assert segment.list_segments(shm) == []  # the copy was drained and retired
+
+
+def test_a_flusher_that_finds_another_on_the_recreated_directory_hands_over(shm, database_url):
+    import fcntl
+
+    w = segment.SegmentWriter(shm, 64, 1 << 20)
+    assert w.add(7)
+    owned = w._segment
+    first = Flusher(shm, database_url)
+    result = []
+    thread = threading.Thread(target=lambda: result.append(first.run(StopSignal(5.0), interval=0.05)))
+    thread.start()
+    assert wait_until(lambda: clicks_by_banner(database_url) == {7: 1}, timeout=10)
+    assert w.add(7)
+    owned.release()  # its worker is gone: only the first flusher maps it now
+    shutil.rmtree(shm)
+    os.mkdir(shm)
+    other = os.open(os.path.join(shm, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(other, fcntl.LOCK_EX)  # another flusher works the new directory
+    thread.join(timeout=10)
+    assert result == [False]
+    # what only the first flusher held was put back for the other one
+    (path,) = segment.list_segments(shm)
+    second = Flusher(shm, database_url)
+    second.flush_once()
+    second.close()
+    os.close(other)
+    assert clicks_by_banner(database_url) == {7: 2}
+
+
+def _remove_under_load(service, kill_flusher):
+    """rm -rf SHM_DIR while clicks flow; optionally SIGKILL the flusher before
+    it has drained what it held. Returns the tally of every answer."""
+    tally = clicker.Tally()
+    load = threading.Thread(target=clicker.drive, args=(service.url, 10**8), kwargs=dict(
+        banners=300, connections=16, seconds=7, tally=tally))
+    load.start()
+    time.sleep(2.0)
+    flusher = service.flusher_pid()
+    shutil.rmtree(service.shm_dir)
+    if kill_flusher:
+        os.kill(flusher, signal.SIGKILL)
+    load.join()
+    return tally
+
+
+@pytest.mark.service
+@pytest.mark.parametrize("kill_flusher", [False, True], ids=["flusher-lives", "flusher-killed"])
+def test_shm_dir_removed_under_load_loses_nothing(database_url, service_factory, stack, kill_flusher):
+    service = service_factory(database_url, server=stack, workers=2)
+    tally = _remove_under_load(service, kill_flusher)
+    assert tally.total > 1000 and tally.unanswered == 0, tally.summary()
+    assert wait_until(lambda: sum(clicks_by_banner(database_url).values()) >= tally.total, timeout=30)
+    time.sleep(1.0)  # a late double count would show now
+    by_banner, by_minute = audit.stored_clicks(database_url)
+    verdict = audit.compare(tally, by_banner, by_minute)
+    assert verdict["lost"] == 0 and verdict["duplicated"] == 0, verdict
+    health = json.loads(service.get("/health")[1])
+    assert health["shm"]["recreated_at"] is not None, health
+    assert "was removed from under the running service" in service.log()
+    assert os.path.exists(os.path.join(service.shm_dir, LOCK_FILE))

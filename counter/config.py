@@ -35,12 +35,14 @@ class Settings:
     user_hash_key: Optional[bytes]
     stats_token: Optional[str]
     server: str
+    flush_max_rows: int
 
 
 # name: (default, help) -- the README's configuration table is written from this.
 DOCUMENTED = {
     "DATABASE_URL": ("(unset)", "PostgreSQL URL; unset starts an embedded PostgreSQL under DATA_DIR"),
     "FLUSH_INTERVAL": ("1", "seconds between flushes of shared memory into PostgreSQL"),
+    "FLUSH_MAX_ROWS": ("100000", "rows one flush transaction carries at most; a larger flush goes in parts"),
     "WORKERS": ("number of CPUs", "gunicorn worker processes"),
     "BIND": ("127.0.0.1:8000", "host:port the service listens on"),
     "DATA_DIR": ("~/.local/share/click-counter", "embedded PostgreSQL data lives here"),
@@ -152,4 +154,6 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
         user_hash_key=key,
         stats_token=token,
         server=server,
+        # the default is flusher.MAX_PART_ROWS (not imported: it brings psycopg2)
+        flush_max_rows=_number(env, "FLUSH_MAX_ROWS", 100_000, int, 1, 10_000_000),
     )

@@ -5,11 +5,19 @@ Exactly once (DESIGN invariant 5), in one place:
 1. settle: a segment whose PENDING_SEQ is ahead of FLUSHED_SEQ was caught by a
    crash or a failed commit. The database knows whether that sequence was
    committed: if so the pending values become flushed, if not they are dropped.
-2. stage: each settled segment stores every record's count as PENDING, then
-   sets PENDING_SEQ = FLUSHED_SEQ + 1 (see SegmentFile.stage).
-3. commit: one transaction adds all deltas (count - flushed), pre-aggregated
-   per minute and banner, and stores each staged segment's PENDING_SEQ.
+2. stage: settled segments store the counts of a range of their records as
+   PENDING, then set PENDING_SEQ = FLUSHED_SEQ + 1 (see SegmentFile.stage).
+3. commit: one transaction adds the staged deltas (count - flushed),
+   pre-aggregated per minute and banner, and stores each staged segment's
+   PENDING_SEQ.
 4. confirm: PENDING becomes FLUSHED in the segments.
+
+A flush is a series of parts (DESIGN invariant 10): steps 2-4 repeat, each
+part holding at most `part_rows` rows, until every record the flush began
+with is written. Usually that is one part. Each part is exactly-once on its
+own: it has its own sequence step. A statement timeout (or a batch the server
+cannot take) halves the part size down to `min_part_rows`; the next flush
+that needs no halving doubles it again, up to `max_part_rows`.
 
 A crash before 3 commits leaves step 1 to drop the pending values; a crash
 after it leaves step 1 to confirm them. Either way no click is lost or added
@@ -24,6 +32,8 @@ import random
 import signal
 import time
 
+import psycopg2.errors
+
 from counter import impressions, segment, shm_directory, storage, worker_stats
 
 log = logging.getLogger("counter.flusher")
@@ -35,12 +45,31 @@ STALE_TEMPORARY = 60.0  # seconds; a half-made segment file older than this is a
 SEGMENT_KINDS = ((segment.CLICKS, segment.SegmentFile),
                  (impressions.IMPRESSIONS, impressions.ImpressionLogFile))
 
+# Rows (records with new clicks, impressions) one flush transaction carries at
+# most: 100k distinct rows, a busy flush, still go in one transaction.
+MAX_PART_ROWS = 100_000
+# The smallest part a statement timeout may shrink a part to: a few
+# milliseconds of writing. Failing even at this size is not about size: the
+# flusher backs off as in an outage and says so.
+MIN_PART_ROWS = 256
+# Errors that say "this batch was too much" (statement timeout, a cancel,
+# a size limit, out of memory): a smaller part may pass. Others are outages.
+_PART_TOO_LARGE = (psycopg2.errors.QueryCanceled, psycopg2.errors.ProgramLimitExceeded,
+                   psycopg2.errors.OutOfMemory)
+
 
 class Flusher:
-    def __init__(self, shm_dir, database_url, *, dedup_ttl=3600.0, fault=None):
+    def __init__(self, shm_dir, database_url, *, dedup_ttl=3600.0, fault=None,
+                 max_part_rows=MAX_PART_ROWS):
         self.shm_dir = str(shm_dir)
         self.database_url = database_url
         self.dedup_ttl = dedup_ttl
+        self.max_part_rows = max_part_rows
+        self.min_part_rows = min(MIN_PART_ROWS, max_part_rows)
+        self.part_rows = max_part_rows  # the next part's bound: adapts to timeouts
+        # what committed parts and settlements wrote since the last reported
+        # flush: a flush that fails after some parts reports them with the next
+        self._written = dict.fromkeys(("rows", "clicks", "impressions"), 0)
         self.segments = {}  # path -> SegmentFile
         self.retired_ids = []  # sequence rows to delete in the next transaction
         self._registered = set()  # segment ids whose sequence row exists
@@ -52,37 +81,79 @@ class Flusher:
     # -- one cycle ---------------------------------------------------------
 
     def flush_once(self) -> dict:
-        """Settle, stage, commit, confirm, retire. Raises on database errors;
-        whatever was staged is then settled by the next call."""
+        """Settle, then stage, commit and confirm part by part, then retire.
+        Raises on database errors; whatever was staged is then settled by the
+        next call."""
         self._refresh()
         conn = self._connection()
         try:
             self._register(conn)
-            confirmed = self._settle(conn)
+            self._settle(conn)
             finished = {s.path for s in self.segments.values() if s.finished()}
-            clicks, views, seqs, staged = self._stage()
-            retired = list(self.retired_ids)
-            if clicks or views or retired:
-                self._fault("before_commit")
-                # A minute's first flush makes its rows: they go in by bulk insert.
-                new_minutes = clicks.keys() - self._written_minutes()
-                storage.write_flush(conn, clicks, seqs, retired, views, self.dedup_ttl, new_minutes)
-                self._fault("after_commit")
-                for seg in staged:
-                    seg.commit_pending()
-                del self.retired_ids[: len(retired)]
+            self._write_parts(conn)
         except storage.DatabaseError:
             self._drop_connection()
             raise
         removed = self._retire(finished)
-        return {
-            "rows": sum(map(len, clicks.values())),
-            "clicks": sum(sum(deltas.values()) for deltas in clicks.values()) + confirmed["clicks"],
-            "impressions": len(views) + confirmed["impressions"],
-            "segments": len(self.segments),
-            "retired": removed,
-            "live_segments": len(self.segments) - (len(finished) - removed),
-        }
+        result, self._written = self._written, dict.fromkeys(self._written, 0)
+        result.update(segments=len(self.segments), retired=removed,
+                      live_segments=len(self.segments) - (len(finished) - removed))
+        return result
+
+    def _write_parts(self, conn):
+        """Write every record the segments hold now, in parts of at most
+        `part_rows` rows, each one transaction with its own sequence steps."""
+        ends = {path: seg.words[segment.USED] for path, seg in self.segments.items()}
+        cursors = dict.fromkeys(ends, 0)  # where each segment's next range starts
+        # A minute's first flush makes its rows: they go in by bulk insert.
+        # Across parts, a minute stays new for the banners no earlier part wrote.
+        fresh = {s.minute for s in self.segments.values()
+                 if isinstance(s, segment.SegmentFile)} - self._written_minutes()
+        written_banners = {}  # fresh minute -> banners earlier parts of this flush wrote
+        halved = False
+        while True:
+            clicks, views, seqs, staged, stops = self._stage(cursors, ends, self.part_rows)
+            retired = list(self.retired_ids)
+            if clicks or views or retired:
+                new_minutes = {m for m in clicks if m in fresh and (
+                    m not in written_banners or written_banners[m].isdisjoint(clicks[m]))}
+                try:
+                    self._fault("before_commit")
+                    storage.write_flush(conn, clicks, seqs, retired, views, self.dedup_ttl,
+                                        new_minutes)
+                except _PART_TOO_LARGE as exc:
+                    self._settle(conn)  # the database says what became of the part
+                    self._halve_part(sum(map(len, clicks.values())) + len(views), exc)
+                    halved = True
+                    continue  # the same records again, in a smaller part
+                self._fault("after_commit")
+                for seg in staged:
+                    seg.commit_pending()
+                del self.retired_ids[: len(retired)]
+                self._written["rows"] += sum(map(len, clicks.values()))
+                self._written["clicks"] += sum(sum(deltas.values()) for deltas in clicks.values())
+                self._written["impressions"] += len(views)
+            cursors.update(stops)
+            if all(cursors[path] >= end for path, end in ends.items()):
+                break
+            for minute in clicks.keys() & fresh:
+                written_banners.setdefault(minute, set()).update(clicks[minute])
+            self._fault("between_parts")
+        if not halved:
+            self.part_rows = min(self.max_part_rows, self.part_rows * 2)
+
+    def _halve_part(self, rows, exc):
+        """After a part of `rows` rows failed for its size: half of it next,
+        or, if it was no larger than the smallest part, the error for run()
+        to back off on."""
+        message = storage.describe_error(exc, self.database_url)
+        if rows <= self.min_part_rows:
+            log.error("a flush part of %d rows (the smallest is %d) failed too; backing off error=%r",
+                      rows, self.min_part_rows, message)
+            raise exc
+        self.part_rows = max(self.min_part_rows, min(self.part_rows, rows) // 2)
+        log.warning("flush part of %d rows failed; retrying at once with part_rows=%d error=%r",
+                    rows, self.part_rows, message)
 
     def _register(self, conn):
         """Give every new segment its sequence row (seq 0) in a transaction of
@@ -94,13 +165,12 @@ class Flusher:
             storage.register_segments(conn, new)
             self._registered.update(new)
 
-    def _settle(self, conn) -> dict:
-        """Decide every unsettled segment; return the clicks and impressions
-        it found committed (for the running totals)."""
-        confirmed = {"clicks": 0, "impressions": 0}
+    def _settle(self, conn):
+        """Decide every unsettled segment; count what it finds committed in
+        the running totals."""
         unsettled = [s for s in self.segments.values() if not s.settled]
         if not unsettled:
-            return confirmed
+            return
         # FOR UPDATE: if our previous connection's COMMIT is still being
         # processed by the server, this waits for it instead of reading the
         # old sequence and dropping values that are about to be committed.
@@ -108,13 +178,12 @@ class Flusher:
         for seg in unsettled:
             if committed.get(seg.id, -1) >= seg.words[segment.PENDING_SEQ]:
                 kind = "impressions" if isinstance(seg, impressions.ImpressionLogFile) else "clicks"
-                confirmed[kind] += seg.pending_total()
+                self._written[kind] += seg.pending_total()
                 seg.commit_pending()
                 log.info("settled segment=%s outcome=committed", seg.id)
             else:
                 seg.discard_pending()
                 log.info("settled segment=%s outcome=not_committed", seg.id)
-        return confirmed
 
     def _written_minutes(self) -> set:
         """Minutes with rows in the database already, as far as the segments
@@ -122,16 +191,26 @@ class Flusher:
         return {s.minute for s in self.segments.values()
                 if isinstance(s, segment.SegmentFile) and s.words[segment.FLUSHED_SEQ]}
 
-    def _stage(self):
-        """Stage every segment. Returns the click deltas as
-        {minute: {banner_id: delta}}, the impressions, each staged segment's
-        pending sequence, and the staged segments."""
+    def _stage(self, cursors, ends, budget):
+        """Stage the next part: from each segment, the records from its cursor
+        on, below its end, at most `budget` rows in all. Returns the click
+        deltas as {minute: {banner_id: delta}}, the impressions, each staged
+        segment's pending sequence, the staged segments, and where each
+        segment's next range would start if this part is committed."""
         clicks = {}
-        views, seqs, staged = [], {}, []
-        for seg in self.segments.values():
-            staged_data = seg.stage()
-            if not staged_data:
+        views, seqs, staged, stops = [], {}, [], {}
+        for path, seg in self.segments.items():
+            start, end = cursors.get(path, 0), ends.get(path, 0)
+            if start >= end:
                 continue
+            if budget <= 0:
+                break
+            staged_data = seg.stage(start, end, budget)
+            if not staged_data:
+                stops[path] = end  # nothing new in the whole range
+                continue
+            stops[path] = seg.words[segment.PENDING_USED]
+            budget -= len(staged_data)
             staged.append(seg)
             seqs[seg.id] = seg.words[segment.PENDING_SEQ]
             if isinstance(seg, impressions.ImpressionLogFile):
@@ -142,7 +221,7 @@ class Flusher:
                 deltas = clicks[seg.minute]
                 for banner_id, delta in staged_data.items():
                     deltas[banner_id] = deltas.get(banner_id, 0) + delta
-        return clicks, views, seqs, staged
+        return clicks, views, seqs, staged, stops
 
     def _retire(self, finished) -> int:
         """Remove segments that can take no more clicks and are fully flushed.
@@ -460,7 +539,8 @@ class StatusFile:
 
 def fault_from_env(spec):
     """Test-only crash points: COUNTER_TEST_FAULT="before_commit:0.1,after_commit:0.1"
-    makes the flusher SIGKILL itself at those points with those probabilities."""
+    makes the flusher SIGKILL itself at those points with those probabilities
+    (points: before_commit and after_commit of each part, between_parts)."""
     if not spec:
         return None
     chances = {}
@@ -489,6 +569,7 @@ def main(settings, parent_pid=None) -> int:
     flusher = Flusher(
         settings.shm_dir, settings.database_url, dedup_ttl=settings.dedup_ttl,
         fault=fault_from_env(os.environ.get("COUNTER_TEST_FAULT")),
+        max_part_rows=settings.flush_max_rows,
     )
     log.info("flusher started pid=%d shm_dir=%s interval=%.2fs",
              os.getpid(), settings.shm_dir, settings.flush_interval)

@@ -9,8 +9,9 @@ because deduplication needs each impression's user and time:
       campaign id (UUID, two words), user hash (two words), time (microseconds)
 
 The worker writes a whole record, then raises USED (publish order). The
-flusher's protocol is the one of click segments: stage [FLUSHED_USED, USED)
-as pending with PENDING_SEQ = FLUSHED_SEQ + 1, commit, confirm. The campaign
+flusher's protocol is the one of click segments: stage [FLUSHED_USED,
+PENDING_USED) -- up to USED, or one part's worth -- as pending with
+PENDING_SEQ = FLUSHED_SEQ + 1, commit, confirm. The campaign
 and user hash are kept as raw bytes: a user id never reaches shared memory or
 the database in clear.
 """
@@ -84,11 +85,16 @@ class ImpressionLogFile(segment.MappedSegment):
 
     kind = IMPRESSIONS
 
-    def stage(self):
-        """Mark the unflushed records pending; return them as
+    def stage(self, start=0, end=None, limit=None):
+        """Mark unflushed records pending, from FLUSHED_USED (or `start`, if
+        later) to `end` (default: USED), at most `limit` of them (one part's
+        worth); return them as
         [(impression id, campaign UUID, user hash, time in microseconds)]."""
         w = self.words
-        start, used = w[FLUSHED_USED], w[segment.USED]
+        start = max(start, w[FLUSHED_USED])  # those before are in the database
+        used = w[segment.USED] if end is None else end
+        if limit is not None:
+            used = min(used, start + limit)
         records = []
         for i in range(start, used):
             first = segment.HEADER_WORDS + IMPRESSIONS.record_words * i

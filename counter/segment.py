@@ -12,6 +12,8 @@ Every field has exactly one writer (DESIGN invariant 2):
       6 SEALED (1 = worker is done)         worker
       7 FLUSHED_SEQ, 8 PENDING_SEQ          flusher
       9 PENDING_USED                        flusher
+     10 (impression logs: FLUSHED_USED, see impressions.py)
+     11 PENDING_START                       flusher
      15 MOVED (1 = the file was republished  whoever republished it
         and its copy is the live one)
     record i (4 x int64) at word 16 + 4*i
@@ -42,6 +44,11 @@ fields travel together, so the exactly-once protocol goes on as if nothing
 happened: the sequence row in the database is keyed by the same name.
 A file's memory is allocated when it is made (posix_fallocate), so a full
 tmpfs is a clean "no room" (503), never a SIGBUS on a later write.
+
+The flusher stages a range of records, [PENDING_START, PENDING_USED), one
+part of a flush (DESIGN invariant 10); PENDING_SEQ says the range is pending.
+PENDING_START 0 is a range from the first record: files from before ranges
+(the word always 0) read as whole-segment stages, which is what they were.
 
 Counts only go up (invariant 3); space comes back by retiring whole files.
 All values are aligned 8-byte words written through ``memoryview.cast('q')``,
@@ -79,6 +86,7 @@ SUFFIX = CLICKS.suffix
 # header words
 OWNER_PID, OWNER_START, MINUTE, CAPACITY, USED, SEALED = 1, 2, 3, 4, 5, 6
 FLUSHED_SEQ, PENDING_SEQ, PENDING_USED = 7, 8, 9
+PENDING_START = 11
 MOVED = 15  # 1 = republished elsewhere (the copy is the live file); written by the republisher
 # record words, relative to the record's first word
 BANNER, COUNT, FLUSHED, PENDING = 0, 1, 2, 3
@@ -461,52 +469,66 @@ class SegmentFile(MappedSegment):
     loop over 100,000 records.
     """
 
-    def _column(self, field: int, records: int) -> slice:
-        """The words of `field` in records [0, records)."""
-        start = HEADER_WORDS + field
-        return slice(start, start + RECORD_WORDS * records, RECORD_WORDS)
+    def _column(self, field: int, start: int, stop: int) -> slice:
+        """The words of `field` in records [start, stop)."""
+        first = HEADER_WORDS + field
+        return slice(first + RECORD_WORDS * start, first + RECORD_WORDS * stop, RECORD_WORDS)
 
-    def stage(self):
-        """Record every record's current count as pending; return the deltas.
+    def stage(self, start=0, end=None, limit=None):
+        """Record the current counts of records [start, stop) as pending;
+        return the deltas {banner_id: count - flushed} of those with new clicks.
 
-        Returns {banner_id: count - flushed} for records with new clicks, and
-        leaves PENDING_SEQ one ahead of FLUSHED_SEQ if there were any. The
-        pending values are written before PENDING_SEQ, so a crash in between
-        leaves the segment settled (nothing pending) and loses nothing.
+        The range ends at `end` (default: USED), or before it, right after the
+        `limit`-th record with new clicks (one part's worth). If there are new
+        clicks, the range goes into PENDING_START and PENDING_USED and
+        PENDING_SEQ is left one ahead of FLUSHED_SEQ. The pending values and
+        the range are written before PENDING_SEQ, so a crash in between leaves
+        the segment settled (nothing pending) and loses nothing.
         """
         w = self.words
-        used = w[USED]
+        stop = w[USED] if end is None else end
         # One read of each count: the same snapshot becomes pending and gives the delta.
-        counts = w[self._column(COUNT, used)].tolist()
-        w[self._column(PENDING, used)] = array.array("q", counts)
-        flushed = w[self._column(FLUSHED, used)].tolist()
-        banners = w[self._column(BANNER, used)].tolist()
+        counts = w[self._column(COUNT, start, stop)].tolist()
+        flushed = w[self._column(FLUSHED, start, stop)].tolist()
+        banners = w[self._column(BANNER, start, stop)].tolist()
         deltas = {banner: count - done
                   for banner, count, done in zip(banners, counts, flushed) if count != done}
+        if limit is not None and len(deltas) > limit:  # a backlog: cut the range short
+            changed = [i for i, (count, done) in enumerate(zip(counts, flushed)) if count != done]
+            kept = changed[limit - 1] + 1
+            stop = start + kept
+            del counts[kept:], flushed[kept:], banners[kept:]
+            deltas = {banner: count - done
+                      for banner, count, done in zip(banners, counts, flushed) if count != done}
+        w[self._column(PENDING, start, stop)] = array.array("q", counts)
         if deltas:
-            w[PENDING_USED] = used
+            w[PENDING_START] = start
+            w[PENDING_USED] = stop
             w[PENDING_SEQ] = w[FLUSHED_SEQ] + 1
         return deltas
 
-    def _total(self, field: int, records: int) -> int:
-        return sum(self.words[self._column(field, records)].tolist())
+    def _total(self, field: int, start: int, stop: int) -> int:
+        return sum(self.words[self._column(field, start, stop)].tolist())
+
+    def _pending_range(self):
+        return self.words[PENDING_START], self.words[PENDING_USED]
 
     def pending_total(self) -> int:
         """Clicks staged as pending and not yet flushed."""
-        used = self.words[PENDING_USED]
-        return self._total(PENDING, used) - self._total(FLUSHED, used)
+        start, stop = self._pending_range()
+        return self._total(PENDING, start, stop) - self._total(FLUSHED, start, stop)
 
     def commit_pending(self):
         """The pending values are in the database: make them the flushed ones."""
         w = self.words
-        used = w[PENDING_USED]
-        w[self._column(FLUSHED, used)] = w[self._column(PENDING, used)]
+        start, stop = self._pending_range()
+        w[self._column(FLUSHED, start, stop)] = w[self._column(PENDING, start, stop)]
         w[FLUSHED_SEQ] = w[PENDING_SEQ]
 
     def unflushed(self) -> int:
         """Clicks counted here and not yet flushed (for health and the final drain)."""
         used = self.words[USED]
-        return self._total(COUNT, used) - self._total(FLUSHED, used)
+        return self._total(COUNT, 0, used) - self._total(FLUSHED, 0, used)
 
 
 _NAME = re.compile(r"^(\d+)-\d+-[0-9a-f]{16}\.\w+$")

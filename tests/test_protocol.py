@@ -392,7 +392,8 @@ def test_a_commit_still_in_flight_is_waited_for_not_dropped(shm, database_url):
     first._refresh()
     conn = first._connection()
     first._register(conn)
-    rows, views, seqs, staged = first._stage()
+    ends = {path: seg.words[segment.USED] for path, seg in first.segments.items()}
+    rows, views, seqs, staged, _ = first._stage({}, ends, 1000)
     # the first flusher's transaction is open (as if its COMMIT were in flight)
     slow = storage_connect(database_url)
     cur = slow.cursor()

@@ -1,0 +1,95 @@
+"""SHM_DIR at start: one live service owns it (a second one refuses, a
+standalone flusher may work beside it), and its bound must fit the tmpfs."""
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import ROOT, clicks_by_banner, wait_until
+from counter import shm_directory
+from loadtest import clicker
+from loadtest.harness import Service
+
+pytestmark = pytest.mark.service
+
+
+def test_a_second_service_on_a_live_services_shm_dir_refuses_to_start(database_url, service_factory):
+    first = service_factory(database_url, workers=1)
+    node = shm_directory.read_node(first.shm_dir)
+    assert node["pid"] == first.master_pid and node["bind"].endswith(str(first.port))
+    with pytest.raises(RuntimeError) as refused:
+        service_factory(database_url, shm_dir=first.shm_dir, workers=1)
+    assert f"belongs to a running click-counter service (pid {first.master_pid}" in str(refused.value)
+    # the first one is unharmed: it counts, and stops promptly
+    assert clicker.drive(first.url, 500, banners=5, connections=2).statuses[200] == 500
+    assert wait_until(lambda: sum(clicks_by_banner(database_url).values()) == 500, timeout=10)
+    started = time.monotonic()
+    assert first.terminate(timeout=30) == 0
+    assert time.monotonic() - started < 10, first.log()
+    # once its owner is gone, the directory can be had again
+    again = service_factory(database_url, shm_dir=first.shm_dir, workers=1)
+    assert shm_directory.read_node(again.shm_dir)["pid"] == again.master_pid
+
+
+def test_a_standalone_flusher_runs_beside_the_service(database_url, service_factory, tmp_path):
+    service = service_factory(database_url, workers=1)
+    env = dict(service.env)
+    log = open(tmp_path / "standalone.log", "wb")
+    standalone = subprocess.Popen([sys.executable, "-m", "cli", "flusher"], env=env, cwd=str(ROOT),
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        assert clicker.drive(service.url, 300, banners=3, connections=2).statuses[200] == 300
+        assert wait_until(lambda: sum(clicks_by_banner(database_url).values()) == 300, timeout=10)
+        assert standalone.poll() is None  # not refused: it waits its turn on the flusher lock
+    finally:
+        standalone.terminate()
+        assert standalone.wait(timeout=30) in (0, 1)
+        log.close()
+
+
+@pytest.fixture
+def small_tmpfs():
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tempfile.mkdtemp(prefix="cc-tmpfs-")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", mount], check=True)
+    yield mount
+    subprocess.run(["umount", mount], check=False)
+    os.rmdir(mount)
+
+
+def _start(database_url, shm_dir, tmp_path, **env):
+    return Service(database_url, shm_dir, tmp_path, workers=2, extra_env=env)
+
+
+def test_a_tmpfs_too_small_for_the_workers_is_refused_in_one_line(database_url, small_tmpfs, tmp_path):
+    # two workers with default slots need ~2.3 MiB each; the tmpfs has 8 MiB -- make it 512 KiB of room
+    filler = os.path.join(small_tmpfs, "filler")
+    with open(filler, "wb") as f:
+        f.write(b"\0" * ((8 << 20) - (512 << 10)))
+    service = _start(database_url, os.path.join(small_tmpfs, "shm"), tmp_path)
+    with pytest.raises(RuntimeError) as refused:
+        service.start()
+    service.kill_all()
+    lines = [line for line in str(refused.value).splitlines() if "cannot start" in line]
+    assert len(lines) == 1, str(refused.value)
+    assert "SHM_MAX_BYTES=268435456" in lines[0] and "bytes of room" in lines[0]
+    assert "Traceback" not in str(refused.value)
+
+
+def test_a_tmpfs_smaller_than_shm_max_bytes_lowers_the_bound_loudly(database_url, small_tmpfs, tmp_path):
+    service = _start(database_url, os.path.join(small_tmpfs, "shm"), tmp_path,
+                     SEGMENT_SLOTS="1024", IMPRESSION_SLOTS="1024")
+    try:
+        service.start()
+        assert "less than SHM_MAX_BYTES=268435456: using SHM_MAX_BYTES=" in service.log()
+        tally = clicker.drive(service.url, 10**8, banners=20_000, connections=8, seconds=3)
+        assert tally.statuses[200] == tally.total > 1000, tally.summary()
+        assert wait_until(lambda: sum(clicks_by_banner(database_url).values()) >= tally.total, timeout=30)
+        assert sum(clicks_by_banner(database_url).values()) == tally.total
+    finally:
+        service.stop(timeout=30)

@@ -31,9 +31,10 @@ from loadtest import audit, clicker
 from loadtest.harness import ROOT, Service, alive
 
 MODES = {
-    # seconds of load per scenario, seconds PostgreSQL stays down
-    "ci": {"seconds": 6, "pg_down": 5},
-    "full": {"seconds": 60, "pg_down": 60},
+    # seconds of load per scenario, seconds PostgreSQL stays down, seconds the
+    # flusher stays frozen
+    "ci": {"seconds": 6, "pg_down": 5, "frozen": 7},
+    "full": {"seconds": 60, "pg_down": 60, "frozen": 20},
 }
 
 
@@ -218,6 +219,71 @@ class Suite:
         flood_tally.merge(after_tally)
         return flood_tally, flood_verdict, checks
 
+    def shm_removed(self):
+        """rm -rf SHM_DIR under load (a tmp cleaner, RemoveIPC), then SIGKILL
+        the flusher before it has drained what it had mapped."""
+        service = self.service()
+        load = self.load(service)
+        time.sleep(self.mode["seconds"] / 3)
+        flusher = service.flusher_pid()
+        shutil.rmtree(service.shm_dir)
+        os.kill(flusher, signal.SIGKILL)
+        tally = load.finish()
+        health = json.loads(service.get("/health")[1])
+        checks = {"recreated_at in /health": health["shm"]["recreated_at"] is not None}
+        return tally, self.verdict(load, tally), checks
+
+    def flusher_frozen(self):
+        """SIGSTOP the flusher under load: /health must say degraded, and
+        everything is stored once it runs again."""
+        service = self.service()
+        seconds = self.mode["frozen"] + self.mode["seconds"]
+        load = self.load(service, seconds=seconds)
+        time.sleep(self.mode["seconds"] / 3)
+        flusher = service.flusher_pid()
+        os.kill(flusher, signal.SIGSTOP)
+        try:
+            time.sleep(self.mode["frozen"])
+            health = json.loads(service.get("/health")[1])
+        finally:
+            os.kill(flusher, signal.SIGCONT)
+        tally = load.finish()
+        checks = {"health while frozen": health["status"], "pending while frozen": health["pending"]}
+        return tally, self.verdict(load, tally), checks
+
+    def statement_timeout(self):
+        """A 20 ms statement timeout on the server and a backlog of 30,000
+        banners (the flusher frozen meanwhile): parts shrink, all drains."""
+        service = self.service(FLUSH_INTERVAL="0.2")
+        load = self.load(service, banners=30_000, connections=32)
+        time.sleep(self.mode["seconds"] / 4)
+        flusher = service.flusher_pid()
+        self._set_statement_timeout("20ms")
+        try:
+            os.kill(flusher, signal.SIGSTOP)  # a backlog builds up
+            time.sleep(self.mode["seconds"] / 3)
+            os.kill(flusher, signal.SIGCONT)
+            tally = load.finish()
+            verdict = self.verdict(load, tally)
+        finally:
+            self._set_statement_timeout(None)
+        shrunk = service.log().count("retrying at once with part_rows")
+        return tally, verdict, {"parts shrunk": shrunk}
+
+    def _set_statement_timeout(self, value):
+        """For every session without its own setting (the flusher's), at once."""
+        conn = storage.connect(self.url)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                if value is None:
+                    cur.execute("ALTER SYSTEM RESET statement_timeout")
+                else:
+                    cur.execute("ALTER SYSTEM SET statement_timeout = %s", (value,))
+                cur.execute("SELECT pg_reload_conf()")
+        finally:
+            conn.close()
+
     def sigterm(self):
         service = self.service()
         load = self.load(service)
@@ -229,7 +295,8 @@ class Suite:
 
 
 SCENARIOS = ["worker_kills", "flusher_kills", "master_kill", "kill_everything", "pg_down",
-             "pg_restarts", "memory_flood", "sigterm"]
+             "pg_restarts", "memory_flood", "shm_removed", "flusher_frozen", "statement_timeout",
+             "sigterm"]
 
 
 def passed(name, verdict, checks):
@@ -246,6 +313,12 @@ def passed(name, verdict, checks):
     if name == "memory_flood":
         ok = ok and checks["503 in flood"] > 0 and checks["503 without Retry-After"] == 0
         ok = ok and checks["recovered (2xx after)"] > 0 and checks["5xx after"] == 0
+    if name == "shm_removed":
+        ok = ok and checks["recreated_at in /health"]
+    if name == "flusher_frozen":
+        ok = ok and checks["health while frozen"] == "degraded" and checks["pending while frozen"] > 0
+    if name == "statement_timeout":
+        ok = ok and checks["parts shrunk"] > 0
     if name == "sigterm":
         ok = ok and checks["exit code"] == 0 and checks["segments left"] == 0
     return ok

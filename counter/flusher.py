@@ -70,6 +70,8 @@ class Flusher:
         # what committed parts and settlements wrote since the last reported
         # flush: a flush that fails after some parts reports them with the next
         self._written = dict.fromkeys(("rows", "clicks", "impressions"), 0)
+        # called after every committed part: a long catch-up is progress (health)
+        self._on_commit = lambda: None
         self.segments = {}  # path -> SegmentFile
         self.retired_ids = []  # sequence rows to delete in the next transaction
         self._registered = set()  # segment ids whose sequence row exists
@@ -127,6 +129,7 @@ class Flusher:
                     halved = True
                     continue  # the same records again, in a smaller part
                 self._fault("after_commit")
+                self._on_commit()
                 for seg in staged:
                     seg.commit_pending()
                 del self.retired_ids[: len(retired)]
@@ -345,6 +348,7 @@ class Flusher:
             return False
         node = shm_directory.read_node(self.shm_dir)
         status = StatusFile(self.shm_dir)
+        self._on_commit = status.committed
         failures = 0
         try:
             while True:
@@ -504,6 +508,14 @@ class StatusFile:
                           segments=result["segments"], live_segments=result["live_segments"],
                           live_rejections=live_rejections)
         self._write()
+
+    def committed(self):
+        """A part committed in the middle of a flush: say so at most once a
+        second (the flush's end writes the file anyway)."""
+        now = time.time()
+        if now - (self.state["last_flush_at"] or 0) >= 1.0:
+            self.state["last_flush_at"] = now
+            self._write()
 
     def failed(self, message, unflushed, live_rejections):
         self.totals["flush_failures"] += 1

@@ -13,6 +13,7 @@ setup(
         "psycopg2-binary>=2.9",
         "click>=8.1",
         "prometheus_client>=0.20",
+        "python-json-logger>=3.1",  # LOG_FORMAT=json
         "granian>=2.8",  # the second serving stack (counter serve --server granian)
         # the embedded PostgreSQL's binaries; no wheel for 3.13 (Debian's postgresql serves there)
         "pgserver>=0.1.4; python_version < '3.13'",

@@ -90,7 +90,7 @@ def serve(bind, workers, server):
     from counter import service
 
     settings = _settings(BIND=bind, WORKERS=workers, SERVER=server)
-    service.setup_logging(settings.log_level)
+    service.setup_logging(settings, "serve")
     if service.choose_server(settings) == "granian":
         from counter import granian_serve
 
@@ -112,7 +112,7 @@ def flusher(parent_pid):
     from counter import flusher as flusher_module, service
 
     settings = _settings()
-    service.setup_logging(settings.log_level)
+    service.setup_logging(settings, "flusher")
     _database_url(settings)
     sys.exit(flusher_module.main(settings, parent_pid=parent_pid))
 

@@ -30,6 +30,7 @@ class Settings:
     worker_class: str
     graceful_timeout: float
     log_level: str
+    log_format: str
     dedup_ttl: float
     impression_slots: int
     user_hash_key: Optional[bytes]
@@ -53,6 +54,7 @@ DOCUMENTED = {
     "WORKER_CLASS": ("auto", "gunicorn worker class; auto = meinheld when importable"),
     "GRACEFUL_TIMEOUT": ("30", "seconds SIGTERM waits for workers and the final flush"),
     "LOG_LEVEL": ("info", "debug, info, warning or error"),
+    "LOG_FORMAT": ("text", "text, or json (one object a line, for log shippers)"),
     "DEDUP_TTL": ("3600", "seconds a user's impression of a campaign is counted once"),
     "IMPRESSION_SLOTS": ("16384", "impressions one worker log holds before it rolls over (40 bytes each)"),
     "USER_HASH_KEY": ("(unset)", "hex key for hashing user ids; unset: one is made and kept in the database"),
@@ -100,6 +102,9 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
     level = (env.get("LOG_LEVEL", "").strip() or "info").lower()
     if level not in ("debug", "info", "warning", "error"):
         raise ConfigError(f"LOG_LEVEL={level!r} must be debug, info, warning or error")
+    log_format = (env.get("LOG_FORMAT", "").strip() or "text").lower()
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"LOG_FORMAT={log_format!r} must be text or json")
 
     data_dir = pathlib.Path(
         env.get("DATA_DIR", "").strip() or "~/.local/share/click-counter"
@@ -149,6 +154,7 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
         worker_class=env.get("WORKER_CLASS", "").strip() or "auto",
         graceful_timeout=_number(env, "GRACEFUL_TIMEOUT", 30.0, float, 1, 3600),
         log_level=level,
+        log_format=log_format,
         dedup_ttl=_number(env, "DEDUP_TTL", 3600.0, float, 1, 366 * 86400),
         impression_slots=impression_slots,
         user_hash_key=key,

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from counter import service, supervisor, worker
+from counter import logs, service, supervisor, worker
 
 log = logging.getLogger("counter.granian")
 
@@ -36,7 +36,7 @@ def _die_with_parent():
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def granian_command(settings):
+def granian_command(settings, log_config):
     host, port = settings.bind.rsplit(":", 1)
     return [sys.executable, "-m", "granian", "--interface", "wsgi",
             "--host", host.strip("[]"), "--port", port,
@@ -49,6 +49,7 @@ def granian_command(settings):
             "--backlog", "4096", "--backpressure", "16384", "--http1-buffer-size", "16384",
             "--no-access-log",
             "--log-level", "warning" if settings.log_level in ("warning", "error") else "info",
+            "--log-config", log_config,  # our one format (counter.logs)
             "counter.wsgi:application"]
 
 
@@ -57,9 +58,9 @@ class Granian:
     Stopping signals the whole group, so that no worker outlives a killed
     main process (they do not watch their parent)."""
 
-    def __init__(self, settings):
+    def __init__(self, settings, log_config):
         self.settings = settings
-        self.process = subprocess.Popen(granian_command(settings), preexec_fn=_die_with_parent,
+        self.process = subprocess.Popen(granian_command(settings, log_config), preexec_fn=_die_with_parent,
                                         process_group=0)
         self.pidfd = os.pidfd_open(self.process.pid)
         log.info("granian started (pid: %s) on %s with %d workers", self.process.pid,
@@ -92,10 +93,18 @@ def run(settings) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(signum, request_stop)
+    logs.set_role("supervisor")
     service.prepare(settings)  # logging was set up by `counter serve`
     worker.raise_fd_limit(16384)  # inherited by granian and its workers
+    log_config = logs.write_config(settings.log_level, settings.log_format, "granian")
+    try:
+        return _supervise(settings, stop, log_config)
+    finally:
+        os.unlink(log_config)
 
-    server = Granian(settings)
+
+def _supervise(settings, stop, log_config) -> int:
+    server = Granian(settings, log_config)
     flusher = supervisor.FlusherSupervisor(supervisor.flusher_command(os.getpid()), log)
     flusher.start()
 
@@ -118,7 +127,7 @@ def run(settings) -> int:
             break
         log.error("granian exited unexpectedly (status %s); starting it again", status)
         time.sleep(0.5)
-        server = Granian(settings)
+        server = Granian(settings, log_config)
     if server is not None:
         log.info("stopping granian")
         server.stop()

@@ -6,13 +6,14 @@
 import sys as _sys
 
 from counter import config as _config
+from counter import logs as _logs
 from counter import service as _service
 
 try:
     _settings = _config.load()
 except _config.ConfigError as _exc:
     _sys.exit(f"configuration error: {_exc}")
-_service.setup_logging(_settings.log_level)
+_service.setup_logging(_settings, "master")
 
 # -- serving -----------------------------------------------------------------
 bind = [_settings.bind]
@@ -32,6 +33,7 @@ wsgi_app = "counter.wsgi:application"
 proc_name = "click-counter"
 control_socket_disable = True  # several instances per machine must not share one socket
 loglevel = _settings.log_level
+logconfig_dict = _logs.dict_config(_settings.log_level, _settings.log_format)
 accesslog = None  # a log line per click would cost more than counting it
 
 
@@ -39,6 +41,10 @@ accesslog = None  # a log line per click would cost more than counting it
 def on_starting(server):
     _service.check_single_threaded(server.cfg)
     _service.prepare(_settings)
+
+
+def post_fork(server, worker):
+    _logs.set_role("worker")
 
 
 def when_ready(server):

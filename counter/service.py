@@ -11,18 +11,16 @@ import logging
 import os
 import sys
 
-from counter import config, embedded, segment, shm_directory, storage, supervisor, worker
+from counter import config, embedded, logs, segment, shm_directory, storage, supervisor, worker
 
 log = logging.getLogger("counter.service")
-
-LOG_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 
 _embedded = None
 _flusher = None
 
 
-def setup_logging(level: str):
-    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+def setup_logging(settings, role: str):
+    logs.setup(settings.log_level, settings.log_format, role)
 
 
 def worker_class(settings) -> str:

@@ -1,8 +1,9 @@
 """The WSGI entry point, loaded in each worker after the fork (never preloaded:
 segments and database connections belong to the worker process)."""
 
-from counter import app, click_route, config, database, impressions, segment, worker_stats
+from counter import app, click_route, config, database, impressions, logs, segment, worker_stats
 
+logs.set_role("worker")
 settings = config.load()
 clicks = segment.SegmentWriter(settings.shm_dir, settings.segment_slots, settings.shm_max_bytes)
 views = impressions.ImpressionLog(settings.shm_dir, settings.impression_slots, settings.shm_max_bytes)

@@ -102,19 +102,22 @@ def serve(bind, workers, server):
 @main.command()
 @click.option("--parent-pid", type=int, hidden=True,
               help="Exit (after a final flush) when this process is no longer the parent.")
-def flusher(parent_pid):
+@click.option("--drain", is_flag=True,
+              help="Flush what SHM_DIR holds, then exit (e.g. clicks a stopped node left behind).")
+def flusher(parent_pid, drain):
     """Run the flusher alone (for deployments that supervise it separately).
 
     \b
     Example:
       SHM_DIR=/dev/shm/click-counter-8000 counter flusher
+      SHM_DIR=/dev/shm/click-counter-8000 DATABASE_URL=postgresql://db/clicks counter flusher --drain
     """
     from counter import flusher as flusher_module, service
 
     settings = _settings()
     service.setup_logging(settings, "flusher")
     _database_url(settings)
-    sys.exit(flusher_module.main(settings, parent_pid=parent_pid))
+    sys.exit(flusher_module.main(settings, parent_pid=parent_pid, drain=drain))
 
 
 @main.group()

@@ -567,11 +567,14 @@ def fault_from_env(spec):
     return fault
 
 
-def main(settings, parent_pid=None) -> int:
-    """Run the flusher until SIGTERM/SIGINT; the process's exit status."""
+def main(settings, parent_pid=None, drain=False) -> int:
+    """Run the flusher until SIGTERM/SIGINT (with `drain`: until what the
+    directory holds is flushed); the process's exit status."""
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_DFL)
     stop = StopSignal(settings.graceful_timeout, parent_pid)
+    if drain:
+        stop.set()  # the final flush at once: it ends when no segment has a live owner
     stop_signals = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
     for signum in stop_signals:
         signal.signal(signum, lambda *_: stop.set())

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from counter import config, embedded, logs, segment, shm_directory, storage, supervisor, worker
+from counter import config, embedded, health, logs, segment, shm_directory, storage, supervisor, worker
 
 log = logging.getLogger("counter.service")
 
@@ -53,9 +53,26 @@ def claim_shm_dir(settings):
     database = (storage.redact(settings.database_url) if settings.database_url
                 else f"embedded PostgreSQL in {settings.data_dir}")
     try:
-        shm_directory.claim(str(settings.shm_dir), bind=settings.bind, database=database)
+        return shm_directory.claim(str(settings.shm_dir), bind=settings.bind, database=database)
     except shm_directory.InUse as exc:
         sys.exit(f"cannot start: {exc}")
+
+
+def check_same_database(settings, previous, database_id):
+    """Clicks left in SHM_DIR belong to the database they were counted for:
+    a start against another database (a new DATABASE_URL, a second clone under
+    one HOME) must not drain them into it. Exits with one line that says how
+    to drain them where they belong; otherwise records the database."""
+    directory = str(settings.shm_dir)
+    before = (previous or {}).get("database_id")
+    if before and before != database_id:
+        left = health.pending(directory)
+        if left:
+            sys.exit(f"cannot start: SHM_DIR {directory} holds {left} clicks not yet flushed into "
+                     f"database {before} ({previous.get('database', '?')}), and this start's "
+                     f"database is {database_id}. Drain them into theirs first: "
+                     f"SHM_DIR={directory} DATABASE_URL=<that database> counter flusher --drain")
+    shm_directory.update_node(directory, database_id=database_id)
 
 
 def fit_shm_bound(settings):
@@ -85,7 +102,7 @@ def prepare(settings):
     checked), the database (embedded when DATABASE_URL is unset) and its
     migrations."""
     global _embedded
-    claim_shm_dir(settings)
+    previous = claim_shm_dir(settings)
     fit_shm_bound(settings)
     url = settings.database_url
     if url is None:
@@ -97,8 +114,10 @@ def prepare(settings):
         conn = storage.connect(url)
         try:
             applied = storage.migrate(conn)
+            database_id = storage.database_id(conn)
         finally:
             conn.close()
+        check_same_database(settings, previous, database_id)
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
     except storage.DatabaseError as exc:

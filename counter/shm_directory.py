@@ -65,9 +65,10 @@ def owner_alive(node) -> bool:
         return False
 
 
-def claim(directory, **about) -> dict:
+def claim(directory, **about):
     """Make this process the directory's owner, or raise InUse naming the
-    live owner. `about` goes into the node file (e.g. bind, database)."""
+    live owner. `about` goes into the node file (e.g. bind, database).
+    Returns the previous owner's node file (None if there was none)."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(directory, NODE_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -78,11 +79,18 @@ def claim(directory, **about) -> dict:
                         f"(pid {node['pid']}, bind {node.get('bind', '?')}); stop it first, "
                         f"or give this one its own SHM_DIR")
         pid = os.getpid()
-        node = dict(about, pid=pid, pid_start=process_start_time(pid), claimed_at=time.time())
-        _write_json(os.path.join(directory, NODE_FILE), node)
+        mine = dict(about, pid=pid, pid_start=process_start_time(pid), claimed_at=time.time())
+        _write_json(os.path.join(directory, NODE_FILE), mine)
         return node
     finally:
         os.close(fd)
+
+
+def update_node(directory, **about):
+    """Add to this (owning) process's node file."""
+    node = dict(read_node(directory) or {}, **about)
+    _write_json(os.path.join(directory, NODE_FILE), node)
+    return node
 
 
 def restore_node(directory, node):

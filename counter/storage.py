@@ -6,6 +6,7 @@ import io
 import math
 import re
 import secrets
+import uuid
 
 import psycopg2
 import psycopg2.errors
@@ -382,6 +383,16 @@ def campaign_stats(conn, campaign_id):
             " coalesce(sum(count), 0)::bigint FROM campaign_impressions WHERE campaign_id = %s",
             (str(campaign_id),))
         return cur.fetchone()
+
+
+def database_id(conn) -> str:
+    """This database's identity: a UUID made once and kept in it. Many URLs
+    may name one database; this names it for good."""
+    with conn, conn.cursor() as cur:
+        cur.execute("INSERT INTO service_secrets (name, value) VALUES ('database_id', %s)"
+                    " ON CONFLICT (name) DO NOTHING", (str(uuid.uuid4()).encode(),))
+        cur.execute("SELECT value FROM service_secrets WHERE name = 'database_id'")
+        return bytes(cur.fetchone()[0]).decode()
 
 
 def user_hash_key(conn) -> bytes:

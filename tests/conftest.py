@@ -51,23 +51,34 @@ def _with_database(url, name):
 
 
 @pytest.fixture
-def database_url(postgres_url):
-    """A fresh, migrated database for one test."""
-    name = "t_" + uuid.uuid4().hex[:12]
+def make_database(postgres_url):
+    """make() -> the URL of a fresh, migrated database; all are dropped after the test."""
     admin = psycopg2.connect(postgres_url)
     admin.autocommit = True
-    with admin.cursor() as cur:
-        cur.execute(f"CREATE DATABASE {name}")
-    url = _with_database(postgres_url, name)
-    conn = storage.connect(url)
-    storage.migrate(conn)
-    conn.close()
-    try:
-        yield url
-    finally:
+    names = []
+
+    def make():
+        name = "t_" + uuid.uuid4().hex[:12]
         with admin.cursor() as cur:
+            cur.execute(f"CREATE DATABASE {name}")
+        names.append(name)
+        url = _with_database(postgres_url, name)
+        conn = storage.connect(url)
+        storage.migrate(conn)
+        conn.close()
+        return url
+
+    yield make
+    with admin.cursor() as cur:
+        for name in names:
             cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    admin.close()
+
+
+@pytest.fixture
+def database_url(make_database):
+    """A fresh, migrated database for one test."""
+    return make_database()
 
 
 def query(url, sql, args=()):

@@ -93,3 +93,35 @@ def test_a_tmpfs_smaller_than_shm_max_bytes_lowers_the_bound_loudly(database_url
         assert sum(clicks_by_banner(database_url).values()) == tally.total
     finally:
         service.stop(timeout=30)
+
+
+def test_a_start_against_another_database_refuses_while_old_clicks_wait(
+        database_url, make_database, service_factory):
+    import signal
+
+    from loadtest.harness import alive
+
+    old = service_factory(database_url, workers=1, flush_interval=600)
+    time.sleep(1.0)  # the flusher's first (empty) round has passed; the next is far away
+    assert clicker.drive(old.url, 5, banners=1, connections=1).statuses[200] == 5
+    tree = [old.master_pid] + old.worker_pids() + [old.flusher_pid()]
+    for pid in tree:
+        os.kill(pid, signal.SIGKILL)  # the node dies with its clicks in shared memory
+    old.proc.wait()
+    assert wait_until(lambda: not [p for p in tree if alive(p)], timeout=10)
+
+    other = make_database()
+    with pytest.raises(RuntimeError) as refused:
+        service_factory(other, shm_dir=old.shm_dir, workers=1)
+    line = [x for x in str(refused.value).splitlines() if "cannot start" in x]
+    assert len(line) == 1 and "holds 5 clicks not yet flushed" in line[0], str(refused.value)
+    assert "counter flusher --drain" in line[0]
+    assert clicks_by_banner(other) == {}  # nothing went into the wrong database
+
+    drained = subprocess.run([sys.executable, "-m", "cli", "flusher", "--drain"], cwd=str(ROOT),
+                             env=dict(old.env, DATABASE_URL=database_url), timeout=60,
+                             capture_output=True, text=True)
+    assert drained.returncode == 0, drained.stderr
+    assert clicks_by_banner(database_url) == {1: 5}
+    service_factory(other, shm_dir=old.shm_dir, workers=1)  # nothing left: it starts
+    assert clicks_by_banner(other) == {}

@@ -31,15 +31,16 @@ class InUse(RuntimeError):
 
 def process_start_time(pid: int):
     """The kernel's start time of ``pid`` (clock ticks since boot), or None if
-    there is no such process. With the pid it names one process for good, even
-    after the pid is reused."""
+    there is no such process or it has exited (a zombie not yet reaped). With
+    the pid it names one process for good, even after the pid is reused."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
     except OSError:
         return None
     # the command name may hold spaces and parentheses: fields start after the last ')'
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return None if fields[0] == b"Z" else int(fields[19])
 
 
 def _write_json(path, value):

@@ -9,6 +9,8 @@ venv=${VENV:-.venv}
 python=${PYTHON:-python3}
 extras=""
 if [ "${1:-}" = "--dev" ]; then extras="[test]"; fi
+[ -f deploy/meinheld/meinheld-1.0.2.patch ] && [ -f deploy/meinheld/apply_patch.py ] \
+    || { echo "deploy/meinheld/ is missing: it goes wherever install.sh goes" >&2; exit 1; }
 
 "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
@@ -28,8 +30,6 @@ fi
 # another worker class (and says so).
 meinheld_sha256=008c76937ac2117cc69e032dc69cea9f85fc605de9bac1417f447c41c16a56d6
 if "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info >= (3, 13))'; then
-    [ -f deploy/meinheld/meinheld-1.0.2.patch ] && [ -f deploy/meinheld/apply_patch.py ] \
-        || { echo "deploy/meinheld/ is missing: copy it along with install.sh" >&2; exit 1; }
     "${pip[@]}" install "greenlet>=3"
     build=$(mktemp -d)
     trap 'rm -rf "$build"' EXIT

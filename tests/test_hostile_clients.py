@@ -21,7 +21,7 @@ from test_http_hardening import exchange, status_codes
 
 pytestmark = pytest.mark.service
 
-ATTACKER = 777  # the only banner id attacks name; a 2xx for one is a click like any other
+ATTACKER = 777  # the only banner id attacks name; a 2xx to a GET of it is a counted click
 
 ATTACKS = [
     b"GET /counter/777 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n",

@@ -1,0 +1,216 @@
+"""One client's bad request never hurts another client, on either stack.
+
+meinheld 1.0.2 answered an unknown `Upgrade:` (h2c, foo) or a CONNECT with its
+own 400 but left an exception set in the interpreter: the next request on that
+worker, anybody's, got a 500 or killed the worker with SIGSEGV. The service
+runs meinheld built with deploy/meinheld/meinheld-1.0.2.patch; these tests
+prove that build is the one installed, and that a worker keeps serving others
+exactly through a storm of attacks."""
+
+import importlib.metadata
+import random
+import socket
+import threading
+import time
+
+import pytest
+
+from conftest import clicks_by_banner, wait_until
+from loadtest import clicker
+from test_http_hardening import exchange, status_codes
+
+pytestmark = pytest.mark.service
+
+ATTACKER = 777  # the only banner id attacks name; a 2xx to a GET of it is a counted click
+
+ATTACKS = [
+    b"GET /counter/777 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n",
+    b"GET /counter/777 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n",
+    b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\n\r\n",
+    b"CONNECT /counter/777 HTTP/1.1\r\nHost: x\r\n\r\n",
+    # websocket without its key: meinheld's other Upgrade branch
+    b"GET /counter/777 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+]
+
+
+def attack(port, raw, wait=2.0):
+    """Send one hostile request on a connection of its own; the status codes of
+    what came back before the peer closed, went quiet, or finished an answer
+    with a Content-Length (granian keeps an upgraded request's connection)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    received = b""
+    try:
+        sock.sendall(raw)
+        while not answered(received):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+    except OSError:  # reset, timed out, or it closed before reading all we sent
+        pass
+    finally:
+        sock.close()
+    return status_codes(received)
+
+
+def answered(received):
+    head, sep, body = received.partition(b"\r\n\r\n")
+    for line in head.split(b"\r\n"):
+        if sep and line.lower().startswith(b"content-length:"):
+            return len(body) >= int(line.split(b":")[1])
+    return False
+
+
+def click(port, banner):
+    """One valid click on a fresh connection; its status (None: no answer)."""
+    codes = status_codes(exchange(
+        port, f"GET /counter/{banner} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()))
+    return codes[0] if codes else None
+
+
+def hostile_requests(rng):
+    """Endless (raw request, seconds to wait for an answer, whether a 2xx
+    answer means a counted click of ATTACKER)."""
+    while True:
+        kind = rng.randrange(6)
+        if kind == 0:
+            raw = rng.choice(ATTACKS)
+        elif kind == 1:  # random garbage, sometimes with an HTTP-looking end
+            junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+            raw = junk + rng.choice([b"", b"\r\n\r\n", b" HTTP/1.1\r\n\r\n"])
+        elif kind == 2:  # huge ids: past int64, past meinheld's 8 KiB path limit
+            digits = rng.choice([20, 40, 9000, 20000])
+            raw = b"GET /counter/" + b"9" * digits + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        elif kind == 3:  # odd methods on the click route
+            method = rng.choice([b"PROPFIND", b"BREW", b"get", b"TRACE", b"DELETE", b"PATCH",
+                                 b"M-SEARCH", b"OPTIONS", b"PUT", b"X" * 200])
+            raw = method + b" /counter/777 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        elif kind == 4:  # bad versions, bad header names, NULs
+            raw = rng.choice([
+                b"GET /counter/777 HTTP/9.9\r\nHost: x\r\n\r\n",
+                b"GET /counter/777 HTTP/1.1\r\nHo st: x\r\n\r\n",
+                b"GET /counter/777 HTTP/1.1\r\nHost: x\x00y\r\n\r\n",
+                b"GET /counter/\x00777 HTTP/1.1\r\nHost: x\r\n\r\n",
+                b"GET /counter/777 HTTP/1.1\r\n\xff\xfe: \xff\r\n\r\n",
+                b"GET /counter/777\r\n\r\n",
+            ])
+        else:  # cut off mid-headers: no answer comes, the attacker gives up
+            yield b"GET /counter/777 HTTP/1.1\r\nHost: x\r\nUpgrade: h2", 0.05, False
+            continue
+        yield raw, 2.0, raw.startswith(b"GET /counter/777")
+
+
+@pytest.fixture
+def one_worker(database_url, service_factory, stack):
+    service = service_factory(database_url, workers=1, server=stack)
+    assert click(service.port, 1) == 200  # the worker's first request is behind us
+    return service
+
+
+def test_the_installed_meinheld_is_the_patched_build():
+    try:
+        from meinheld import server
+    except ImportError:  # Python 3.13+: no meinheld, gunicorn serves with another worker
+        pytest.skip("meinheld does not import here")
+    assert server.CLICK_COUNTER_PATCH == 1, "deploy/install.sh builds meinheld with our patch"
+    assert importlib.metadata.version("meinheld") == "1.0.2+clickcounter.1"
+
+
+def test_a_bad_upgrade_or_connect_never_hurts_the_next_request_on_its_worker(one_worker, database_url):
+    service = one_worker
+    workers = service.worker_pids()
+    attacker_ok, after = 0, []
+    for round_ in range(100):
+        codes = attack(service.port, ATTACKS[round_ % len(ATTACKS)])
+        assert not [c for c in codes if c >= 500], (round_, codes)
+        attacker_ok += sum(200 <= c < 300 for c in codes)
+        after.append(click(service.port, 2))
+    assert after == [200] * 100, [(i, c) for i, c in enumerate(after) if c != 200]
+    assert service.worker_pids() == workers, "a worker died"
+    expected = {1: 1, 2: 100}
+    if attacker_ok:
+        expected[ATTACKER] = attacker_ok
+    assert wait_until(lambda: clicks_by_banner(database_url) == expected, timeout=15), \
+        clicks_by_banner(database_url)
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0])
+
+
+def test_requests_cut_off_by_the_path_limit_do_not_grow_a_workers_memory(one_worker):
+    """meinheld 1.0.2 leaked the path buffer (8 KiB) of every request whose
+    headers never completed, e.g. a banner id longer than its 8 KiB path limit."""
+    (worker,) = one_worker.worker_pids()
+    huge = b"GET /counter/" + b"9" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+    for _ in range(500):  # the worker's buffers and free lists reach their size
+        attack(one_worker.port, huge)
+    before = rss_kib(worker)
+    for _ in range(5000):  # 40 MiB if each leaked 8 KiB
+        assert attack(one_worker.port, huge) in ([400], [431])
+    grown = rss_kib(worker) - before
+    assert grown < 8 * 1024, f"the worker grew by {grown} KiB"
+    assert click(one_worker.port, 2) == 200 and one_worker.worker_pids() == [worker]
+
+
+STORM_CLICKS = 20_000
+STORM_BANNERS = range(1000, 1050)
+HOSTILE_MIN, HOSTILE_MAX = 1000, 4000
+
+
+def test_a_click_storm_mixed_with_hostile_requests_is_counted_exactly_by_the_same_workers(
+        database_url, service_factory, stack):
+    service = service_factory(database_url, workers=2, server=stack)
+    workers = sorted(service.worker_pids())
+    storm_done = threading.Event()
+    lock = threading.Lock()
+    hostile = {"sent": 0, "server_errors": [], "attacker_ok": 0, "attacker_unanswered": 0}
+
+    def attacker(seed):
+        deadline = time.monotonic() + 150
+        for raw, wait, counts in hostile_requests(random.Random(seed)):
+            with lock:
+                if (hostile["sent"] >= HOSTILE_MAX or time.monotonic() > deadline
+                        or (storm_done.is_set() and hostile["sent"] >= HOSTILE_MIN)):
+                    return
+                hostile["sent"] += 1
+            codes = attack(service.port, raw, wait)
+            with lock:
+                hostile["server_errors"] += [(c, raw[:60]) for c in codes if c >= 500]
+                if counts:
+                    hostile["attacker_ok"] += sum(200 <= c < 300 for c in codes)
+                    hostile["attacker_unanswered"] += not codes
+
+    threads = [threading.Thread(target=attacker, args=(seed,)) for seed in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        tally = clicker.drive(service.url, STORM_CLICKS, banners=len(STORM_BANNERS),
+                              connections=8, seconds=120, first_banner=STORM_BANNERS[0])
+    finally:
+        storm_done.set()
+        during_storm = hostile["sent"]
+        for thread in threads:
+            thread.join(timeout=160)
+
+    print(f"{stack}: {tally.summary()}, hostile: {hostile}, during storm {during_storm}")
+    assert hostile["sent"] >= HOSTILE_MIN and during_storm >= HOSTILE_MIN // 2, (hostile, during_storm)
+    assert hostile["server_errors"] == [], hostile["server_errors"][:10]
+    assert {s: n for s, n in tally.statuses.items() if s >= 500} == {}, tally.summary()
+    assert tally.total == STORM_CLICKS and tally.unanswered == 0, tally.summary()
+    assert sorted(service.worker_pids()) == workers, "a worker died"
+
+    expected = dict(tally.acked)
+
+    def flushed():
+        counts = clicks_by_banner(database_url)
+        storm = {b: n for b, n in counts.items() if b != ATTACKER}
+        return storm == expected and counts.get(ATTACKER, 0) >= hostile["attacker_ok"]
+
+    assert wait_until(flushed, timeout=30), (tally.summary(), hostile)
+    counts = clicks_by_banner(database_url)
+    # a GET of ATTACKER that got no answer may or may not have counted
+    assert hostile["attacker_ok"] <= counts.get(ATTACKER, 0) \
+        <= hostile["attacker_ok"] + hostile["attacker_unanswered"], (counts.get(ATTACKER), hostile)

@@ -13,9 +13,9 @@ import uuid
 
 import click
 
-from cli import output, times
+from cli import output
 from counter import campaigns as campaign_rules  # `campaigns` is the command group
-from counter import config, stats_request, storage
+from counter import config, stats_request, storage, times
 
 
 def _settings(**overrides):
@@ -63,8 +63,15 @@ def _time(text, tz, now, option):
     """times.parse, its error naming the option the time came from."""
     try:
         return times.parse(text, tz, now)
-    except click.BadParameter as exc:
+    except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint=option)
+
+
+def _zone(name):
+    try:
+        return times.zone(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tz")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -179,7 +186,7 @@ _TIME_HELP = "ISO-8601 (no offset: --tz), now, today, yesterday, or -30m/-1h/-7d
 
 def _range(start, end, tz_name):
     """Parse --from/--to (and --tz) into UTC datetimes, from before to."""
-    tz = times.zone(tz_name)
+    tz = _zone(tz_name)
     now = datetime.datetime.now(datetime.timezone.utc)
     first = _time(start, tz, now, "--from")
     last = _time(end, tz, now, "--to")
@@ -313,13 +320,13 @@ def campaigns_create(name, start, tz):
     Example:
       counter campaigns create "Black Friday" --start 2026-11-27T00:00:00Z
     """
-    zone = times.zone(tz)
+    zone = _zone(tz)
     now = datetime.datetime.now(datetime.timezone.utc)
+    start_time = _time(start, zone, now, "--start")
     try:
-        start_time = times.parse(start, zone, now)
         name, start_time = campaign_rules.new_campaign(
             {"name": name, "start_time": start_time.isoformat()}, now)
-    except (click.BadParameter, stats_request.BadRequest) as exc:
+    except stats_request.BadRequest as exc:
         raise click.UsageError(str(exc))
     row = _query(storage.create_campaign, uuid.uuid4(), name, start_time)
     click.echo(row[0])
@@ -336,7 +343,7 @@ def campaigns_list(fmt, tz):
     Example:
       counter campaigns list --format json
     """
-    zone = times.zone(tz)
+    zone = _zone(tz)
     rows = [(c, n, times.show(s, zone)) for c, n, s in _query(storage.list_campaigns)]
     click.echo(output.show(["id", "name", "start_time"], rows, fmt))
 

@@ -356,3 +356,56 @@ def test_metrics_expose_the_flushers_totals_and_the_workers_refusals(tmp_path, d
     Flusher(str(shm), database_url).run(stop, interval=0.05)
     assert _metric(client.simulate_get("/metrics").text, "click_counter_clicks_rejected_total") == refused
     assert not [n for n in os.listdir(shm) if n.endswith(".wst")]
+
+
+def test_metrics_count_accepted_clicks_and_impressions_apart(tmp_path, database_url):
+    """click_counter_clicks_accepted_total counts clicks only, and
+    click_counter_impressions_accepted_total impressions; both include what
+    waits in shared memory while the database is away."""
+    import datetime
+    import uuid
+
+    from counter import impressions, storage
+    from counter.flusher import StopSignal
+    from counter.worker_stats import WorkerStats
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    settings = config.load({"DATABASE_URL": database_url, "SHM_DIR": str(shm)})
+    clicks = segment.SegmentWriter(shm, 64, 1 << 22)
+    client = falcon.testing.TestClient(click_route(clicks, create_app(
+        settings, clicks, database.Database(database_url), impressions.ImpressionLog(shm, 64, 1 << 22),
+        WorkerStats(shm))))
+    campaign = uuid.uuid4()
+    conn = storage.connect(database_url)
+    storage.create_campaign(conn, campaign, "c", datetime.datetime.now(datetime.timezone.utc)
+                            - datetime.timedelta(hours=1))
+    conn.close()
+
+    def traffic(click_count, impression_count, first_user):
+        for banner in range(1, click_count + 1):
+            assert client.simulate_get(f"/counter/{banner}").status_code == 200
+        for user in range(first_user, first_user + impression_count):
+            r = client.simulate_post("/api/v1/impressions",
+                                     json={"campaign_id": str(campaign), "user_id": f"u{user}", "ad_id": "a"})
+            assert r.status_code == 202, r.text
+
+    def accepted():
+        text = client.simulate_get("/metrics").text
+        return (_metric(text, "click_counter_clicks_accepted_total"),
+                _metric(text, "click_counter_impressions_accepted_total"))
+
+    def flusher(url):
+        stop = StopSignal(0.3)
+        stop.set()
+        Flusher(str(shm), url).run(stop, interval=0.05)
+
+    traffic(7, 3, 0)
+    flusher(database_url)
+    assert accepted() == (7, 3)
+    traffic(5, 2, 100)  # the database away: they wait in shared memory, and count
+    flusher("postgresql://u@127.0.0.1:1/x")
+    assert _metric(client.simulate_get("/metrics").text, "click_counter_database_up") == 0
+    assert accepted() == (12, 5)
+    flusher(database_url)  # back: flushed, the same totals
+    assert accepted() == (12, 5)

@@ -198,7 +198,7 @@ def prune(before, yes):
 
 # -- reading statistics ----------------------------------------------------------
 
-_TIME_HELP = "ISO-8601 (no offset: --tz), now, today, yesterday, or -30m/-1h/-7d/-2w."
+_TIME_HELP = "ISO-8601 (no offset: --tz), now, today, yesterday, -30m/-1h/-7d/-2w, or +1m (ahead)."
 
 
 def _range(start, end, tz_name):

@@ -40,8 +40,9 @@ class _StatusCollector:
         pending = status.get("unflushed", 0)
         # What waits in shared memory, by kind, only while the flusher's last
         # cycle failed: then nothing is being committed, so the segments'
-        # counts and the file's totals add up. After a success it is zero,
-        # as in the file, so neither counter can dip at a commit.
+        # counts and the file's totals add up. After a success it is zero, as
+        # in the file. (A recovering flush that commits between the file read
+        # and the scan can make one scrape low; the file holds no split.)
         waiting = _unflushed_by_kind(self.shm_dir) if pending else {}
         yield CounterMetricFamily("click_counter_clicks_accepted",
                                   "Clicks answered 2xx: flushed, plus those waiting while flushes fail.",

@@ -8,14 +8,15 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import sys
 import uuid
 
 import click
 
-from cli import output, times
+from cli import output
 from counter import campaigns as campaign_rules  # `campaigns` is the command group
-from counter import config, stats_request, storage
+from counter import config, stats_request, storage, times, version
 
 
 def _settings(**overrides):
@@ -63,11 +64,19 @@ def _time(text, tz, now, option):
     """times.parse, its error naming the option the time came from."""
     try:
         return times.parse(text, tz, now)
-    except click.BadParameter as exc:
+    except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint=option)
 
 
+def _zone(name):
+    try:
+        return times.zone(name)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--tz")
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version.VERSION, "--version", prog_name="counter")
 def main():
     """Count ad banner clicks at high rates and read the statistics."""
 
@@ -89,7 +98,8 @@ def serve(bind, workers, server):
     """
     from counter import service
 
-    settings = _settings(BIND=bind, WORKERS=workers, SERVER=server)
+    settings = _serve_settings({"--bind": ("BIND", bind), "--workers": ("WORKERS", workers),
+                                "--server": ("SERVER", server)})
     service.setup_logging(settings, "serve")
     if service.choose_server(settings) == "granian":
         from counter import granian_serve
@@ -97,6 +107,20 @@ def serve(bind, workers, server):
         sys.exit(granian_serve.run(settings))
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:counter.gunicorn_config"]
     os.execv(sys.executable, argv)
+
+
+def _serve_settings(options):
+    """_settings with the options' values; an error about a value given as an
+    option names the option (--workers 0), not the variable it overrides."""
+    try:
+        return _settings(**{name: value for name, value in options.values()})
+    except click.UsageError as exc:
+        message = exc.message
+        for option, (name, value) in options.items():
+            if value is not None:
+                message = re.sub(rf"\b{name}=(?:'([^']*)'|(\S+))",
+                                 lambda m: f"{option} {m[1] if m[1] is not None else m[2]}", message)
+        raise click.UsageError(message)
 
 
 @main.command()
@@ -177,12 +201,12 @@ def prune(before, yes):
 
 # -- reading statistics ----------------------------------------------------------
 
-_TIME_HELP = "ISO-8601 (no offset: --tz), now, today, yesterday, or -30m/-1h/-7d/-2w."
+_TIME_HELP = "ISO-8601 (no offset: --tz), now, today, yesterday, -30m/-1h/-7d/-2w, or +1m (ahead)."
 
 
 def _range(start, end, tz_name):
     """Parse --from/--to (and --tz) into UTC datetimes, from before to."""
-    tz = times.zone(tz_name)
+    tz = _zone(tz_name)
     now = datetime.datetime.now(datetime.timezone.utc)
     first = _time(start, tz, now, "--from")
     last = _time(end, tz, now, "--to")
@@ -225,7 +249,8 @@ def stats(banner, start, end, granularity, fmt, tz):
     \b
     Examples:
       counter stats 42 --from -1h
-      counter stats 42 --from 2024-01-01 --to 2024-02-01 -g day --format csv
+      counter stats 42 --from -5m
+      counter stats 42 --from -7d --to today -g day --format csv
     """
     first, last, zone = _range(start, end, tz)
     try:
@@ -243,6 +268,19 @@ def stats(banner, start, end, granularity, fmt, tz):
                    f"{times.show(first, zone)} .. {times.show(last, zone)}")
 
 
+def _output_path(ctx, param, value):
+    """-o FILE: its directory must exist and take a file, checked before any
+    database work (the file is written beside it, then renamed)."""
+    if value in (None, "-"):
+        return value
+    folder = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"directory {folder!r} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"directory {folder!r} is not writable")
+    return value
+
+
 @main.command()
 @_from
 @_to
@@ -251,7 +289,7 @@ def stats(banner, start, end, granularity, fmt, tz):
 @_granularity
 @click.option("--format", "fmt", type=click.Choice(["csv", "ndjson", "json"]), default="csv",
               show_default=True)
-@click.option("-o", "--output", "path", type=click.Path(dir_okay=False, writable=True),
+@click.option("-o", "--output", "path", type=click.Path(dir_okay=False, writable=True), callback=_output_path,
               help="Write to FILE (it appears whole or not at all). Default: stdout.")
 @_tz
 def export(start, end, banners, granularity, fmt, path, tz):
@@ -262,19 +300,24 @@ def export(start, end, banners, granularity, fmt, path, tz):
     \b
     Examples:
       counter export --from -7d -g hour -o last-week.csv
-      counter export --from 2024-01-01 --to 2024-02-01 --banner 42 --format ndjson | gzip > jan.ndjson.gz
+      counter export --from yesterday --to today --banner 42 --format ndjson | gzip > day.ndjson.gz
     """
     first, last, zone = _range(start, end, tz)
     with _database() as conn:
         show_bar = path not in (None, "-") and sys.stderr.isatty()
         total = storage.export_size(conn, first, last, granularity, banners) if show_bar else 0
         rows = storage.export_rows(conn, first, last, granularity, banners)
-        with output.destination(path) as out:
-            if show_bar:
-                with click.progressbar(length=total, label="exporting", file=sys.stderr) as bar:
-                    written = output.write_rows(rows, fmt, out, zone, on_row=lambda: bar.update(1))
-            else:
-                written = output.write_rows(rows, fmt, out, zone)
+        try:
+            with output.destination(path) as out:
+                if show_bar:
+                    with click.progressbar(length=total, label="exporting", file=sys.stderr) as bar:
+                        written = output.write_rows(rows, fmt, out, zone, on_row=lambda: bar.update(1))
+                else:
+                    written = output.write_rows(rows, fmt, out, zone)
+        except OSError as exc:  # disk full, directory gone meanwhile: one line, no traceback
+            if path in (None, "-"):
+                raise
+            raise click.ClickException(f"cannot write {path}: {exc.strerror or exc}")
     if path not in (None, "-"):
         click.echo(f"wrote {written} rows to {path}", err=True)
 
@@ -314,15 +357,16 @@ def campaigns_create(name, start, tz):
 
     \b
     Example:
-      counter campaigns create "Black Friday" --start 2026-11-27T00:00:00Z
+      counter campaigns create "Black Friday" --start +1m
+      counter campaigns create "Next week" --start +7d
     """
-    zone = times.zone(tz)
+    zone = _zone(tz)
     now = datetime.datetime.now(datetime.timezone.utc)
+    start_time = _time(start, zone, now, "--start")
     try:
-        start_time = times.parse(start, zone, now)
         name, start_time = campaign_rules.new_campaign(
             {"name": name, "start_time": start_time.isoformat()}, now)
-    except (click.BadParameter, stats_request.BadRequest) as exc:
+    except stats_request.BadRequest as exc:
         raise click.UsageError(str(exc))
     row = _query(storage.create_campaign, uuid.uuid4(), name, start_time)
     click.echo(row[0])
@@ -339,7 +383,7 @@ def campaigns_list(fmt, tz):
     Example:
       counter campaigns list --format json
     """
-    zone = times.zone(tz)
+    zone = _zone(tz)
     rows = [(c, n, times.show(s, zone)) for c, n, s in _query(storage.list_campaigns)]
     click.echo(output.show(["id", "name", "start_time"], rows, fmt))
 

@@ -9,7 +9,7 @@ import os
 import sys
 import tempfile
 
-from cli import times
+from counter import times
 
 FIELDS = ("banner_id", "ts", "clicks")
 

@@ -42,8 +42,8 @@ def new_campaign(fields, now: datetime.datetime):
         raise BadRequest("the body must be a JSON object")
     name = _required_text(fields, "name")
     if "start_time" not in fields:
-        raise BadRequest("'start_time' is required (ISO-8601)")
-    start = stats_request.timestamp(fields["start_time"], "start_time")
+        raise BadRequest("'start_time' is required (ISO-8601, or relative such as +1m)")
+    start = stats_request.timestamp(fields["start_time"], "start_time", now)
     if start <= now:
         raise BadRequest("'start_time' must be in the future")
     return name.strip(), start

@@ -3,6 +3,7 @@
 Kept as data beside the routes; tests check that every route of the app is
 here and that real answers match these schemas."""
 
+from counter import version
 from counter.stats_request import MAX_BANNER_ID as MAX_ID
 
 
@@ -43,9 +44,10 @@ def _stats(name):
     answers = {"200": _json("StatsAnswer", "Clicks per bucket, oldest first.")}
     answers.update({k: _ANSWERS[k] for k in ("400", "401", "503")})
     query = [BANNER] + [
-        {"name": "from", "in": "query", "required": True, "schema": _TIME,
-         "description": "ISO-8601; no offset means UTC."},
-        {"name": "to", "in": "query", "required": True, "schema": _TIME},
+        {"name": "from", "in": "query", "required": True, "schema": _WHEN,
+         "description": "Start of the range. " + _WHEN_TEXT},
+        {"name": "to", "in": "query", "required": False, "schema": _WHEN,
+         "description": "End of the range (default: now). " + _WHEN_TEXT},
         {"name": "granularity", "in": "query", "required": False,
          "schema": {"type": "string", "enum": ["minute", "hour", "day"]}},
     ]
@@ -64,7 +66,7 @@ def _stats(name):
 def document() -> dict:
     return {
         "openapi": "3.0.3",
-        "info": {"title": "click-counter", "version": "1.0.0",
+        "info": {"title": "click-counter", "version": version.VERSION,
                  "description": "Counts ad banner clicks and unique campaign impressions."},
         "paths": {
             "/counter/{bannerID}": _click("200", "Counted."),
@@ -116,6 +118,11 @@ def document() -> dict:
 
 
 _TIME = {"type": "string", "format": "date-time"}
+# What a request may say for a time (counter/times.py): ISO-8601 or relative.
+_WHEN_TEXT = ("ISO-8601 (no offset means UTC), or relative to now: now, today, yesterday "
+              "(UTC midnights), -5m, -1h, -7d, -2w, +1m (units s, m, h, d, w). In a query "
+              "string write + as %2B.")
+_WHEN = {"type": "string", "minLength": 1, "example": "-1h"}
 _TEXT = {"type": "string", "minLength": 1, "maxLength": 200, "pattern": "^[^\\x00-\\x1f]*\\S[^\\x00-\\x1f]*$"}
 _ID = {"oneOf": [_TEXT, {"type": "integer"}]}
 
@@ -124,8 +131,11 @@ SCHEMAS = {
               "properties": {"error": {"type": "string", "minLength": 1},
                              "code": {"type": "integer", "minimum": 400, "maximum": 599}}},
     "StatsRequest": {"type": "object",
-                     "anyOf": [{"required": ["from", "to"]}, {"required": ["tsFrom", "tsTo"]}],
-                     "properties": {"from": _TIME, "to": _TIME, "tsFrom": _TIME, "tsTo": _TIME,
+                     "anyOf": [{"required": ["from"]}, {"required": ["tsFrom"]}],
+                     "properties": {"from": dict(_WHEN, description="Start. " + _WHEN_TEXT),
+                                    "to": dict(_WHEN, description="End (default: now). " + _WHEN_TEXT),
+                                    "tsFrom": dict(_WHEN, description="Same as from."),
+                                    "tsTo": dict(_WHEN, description="Same as to."),
                                     "granularity": {"type": "string", "enum": ["minute", "hour", "day"]}}},
     "StatsAnswer": {"type": "object", "additionalProperties": False,
                     "required": ["bannerID", "from", "to", "granularity", "total", "stats"],
@@ -169,7 +179,8 @@ SCHEMAS = {
     "Heartbeat": {"type": "object", "required": ["status"],
                   "properties": {"status": {"type": "string", "enum": ["ok"]}}},
     "NewCampaign": {"type": "object", "required": ["name", "start_time"], "properties": {
-        "name": _TEXT, "start_time": dict(_TIME, description="Must be in the future.")}},
+        "name": _TEXT, "start_time": dict(_WHEN, example="+1m", description=(
+            "Must be in the future. " + _WHEN_TEXT))}},
     "Campaign": {"type": "object", "required": ["id", "name", "start_time"], "additionalProperties": False,
                  "properties": {"id": {"type": "string", "format": "uuid"},
                                 "name": {"type": "string"}, "start_time": _TIME}},

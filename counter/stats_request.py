@@ -4,7 +4,7 @@ import dataclasses
 import datetime
 import json
 
-from counter import storage
+from counter import storage, times
 
 MAX_BUCKETS = 100_000
 MAX_BANNER_ID = 2**63 - 1
@@ -24,20 +24,15 @@ def banner_id(text: str) -> int:
     return value
 
 
-def timestamp(value, name: str) -> datetime.datetime:
-    """An ISO-8601 timestamp; one without an offset is taken as UTC."""
+def timestamp(value, name: str, now: datetime.datetime = None) -> datetime.datetime:
+    """A time as counter.times reads it (ISO-8601 or a relative form such as
+    -1h); `today` and a time without an offset are UTC."""
     if not isinstance(value, str):
-        raise BadRequest(f"'{name}' must be an ISO-8601 timestamp string")
+        raise BadRequest(f"'{name}' must be a string: ISO-8601 or a relative time such as -1h")
     try:
-        parsed = datetime.datetime.fromisoformat(value.strip())
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
-        parsed = parsed.astimezone(datetime.timezone.utc)
-    except (ValueError, OverflowError):
-        raise BadRequest(f"'{name}' is not an ISO-8601 timestamp: {value[:64]!r}")
-    if not 1 < parsed.year < 9999:  # keeps bucket arithmetic inside datetime's range
-        raise BadRequest(f"'{name}' must lie between the years 2 and 9998")
-    return parsed
+        return times.parse(value, times.UTC, now)
+    except ValueError as exc:
+        raise BadRequest(f"'{name}': {exc}")
 
 
 def format_time(ts: datetime.datetime) -> str:
@@ -67,18 +62,26 @@ class StatsQuery:
 
 
 def _pick(fields: dict, *names):
+    """(value, name) of the first of `names` given, or (None, None)."""
     for name in names:
         if name in fields and fields[name] is not None:
             return fields[name], name
-    raise BadRequest(f"'{names[0]}' is required (ISO-8601; '{names[1]}' is accepted too)")
+    return None, None
 
 
-def stats_query(banner: int, fields: dict) -> StatsQuery:
-    """Validate the fields of a stats request (JSON body or query string)."""
+def stats_query(banner: int, fields: dict, now: datetime.datetime = None) -> StatsQuery:
+    """Validate the fields of a stats request (JSON body or query string).
+    `to` is optional and defaults to now."""
     if not isinstance(fields, dict):
         raise BadRequest("the body must be a JSON object")
-    start = timestamp(*_pick(fields, "from", "tsFrom"))
-    end = timestamp(*_pick(fields, "to", "tsTo"))
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    value, name = _pick(fields, "from", "tsFrom")
+    if name is None:
+        raise BadRequest("'from' is required ('tsFrom' is accepted too): ISO-8601, "
+                         "or a relative time such as -1h")
+    start = timestamp(value, name, now)
+    value, name = _pick(fields, "to", "tsTo")
+    end = now if name is None else timestamp(value, name, now)
     if not start < end:
         raise BadRequest("'from' must be before 'to'")
     granularity = fields.get("granularity") or "minute"
@@ -97,7 +100,7 @@ def stats_query(banner: int, fields: dict) -> StatsQuery:
 
 def parse_json(body: bytes):
     if not body.strip():
-        raise BadRequest("the body is empty; send a JSON object with 'from' and 'to'")
+        raise BadRequest("the body is empty; send a JSON object with 'from' (and 'to')")
     try:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -2,7 +2,11 @@
 serving stack, nginx's bare `return 204`, stats latency, flusher throughput.
 
     python -m loadtest.bench [--seconds 3] [--rounds 2] [--starts 8] [--connections 64] [--workers 1]
-                             [--stacks gunicorn,granian]
+                             [--stacks gunicorn,granian] [--skip-http] [--json]
+
+Progress goes to stderr as it runs; at the end a short table says, for each
+target (TARGETS), whether it was met, with the other figures below it;
+--json prints the whole report instead, for machines.
 
 Servers (master, workers, flusher; nginx with one worker) are pinned to CPU 0
 and wrk to CPU 1 (taskset), everything in the same run. wrk alternates
@@ -42,6 +46,18 @@ from counter.segment import SegmentWriter
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SPREAD = str(pathlib.Path(__file__).with_name("spread.lua"))
+
+# The click route's requests/s over its own stack's empty WSGI callable
+# (median of the per-start ratios): what the route may cost at most.
+RATIO_TARGETS = {"gunicorn": 0.85, "granian": 0.90}
+FLUSH_TARGET = 150_000  # rows/s, a flush of 100,000 distinct (banner, minute) keys
+STARTED = [time.monotonic()]  # main() sets it again
+
+
+def say(text):
+    """Progress, on stderr, with the time since the start."""
+    elapsed = int(time.monotonic() - STARTED[0])
+    print(f"[{elapsed // 60}:{elapsed % 60:02d}] {text}", file=sys.stderr, flush=True)
 
 
 def pinned(cpu, command):
@@ -121,6 +137,10 @@ def ceiling_command(stack, workers):
             "loadtest.empty_app:application"]
 
 
+def _rps(runs):
+    return ", ".join(f"{r['rps']:,.0f}" for r in runs) + " req/s"
+
+
 def _median_run(runs):
     return sorted(runs, key=lambda r: r["rps"])[len(runs) // 2]
 
@@ -157,6 +177,7 @@ def bench_stack(stack, database_url, args):
     try:
         before = _stored(database_url)
         for start in range(args.starts):
+            say(f"{stack}: start {start + 1} of {args.starts}")
             ceiling = serve(ceiling_command(stack, args.workers), envs[0], ceiling_url + "/")
             try:
                 service = serve([sys.executable, "-m", "cli", "serve"], envs[1],
@@ -169,7 +190,10 @@ def bench_stack(stack, database_url, args):
                         for url, runs in pair if round_number % 2 == 0 else pair[::-1]:
                             run = wrk(url + "/counter/1", args.seconds, args.connections, SPREAD)
                             runs.append(dict(run, start=start))
+                    say(f"{stack}: start {start + 1}: empty {_rps(empty_runs[-args.rounds:])}, "
+                        f"click route {_rps(click_runs[-args.rounds:])}")
                     if start == 0 and stack == args.stacks[0]:
+                        say("stats: one day of minute rows, 200 requests")
                         results["stats_one_day"] = stats_latency(click_url, database_url)
                 finally:
                     stop(service)  # SIGTERM: the final flush stores everything counted
@@ -200,6 +224,7 @@ def bench_nginx(args):
     """nginx `return 204` with one worker, pinned like the others."""
     if not shutil.which("nginx") and not os.path.exists("/usr/sbin/nginx"):
         return {"skipped": "nginx is not installed (apt-get install nginx-light)"}
+    say("nginx return 204")
     port = embedded.free_port()
     folder = tempfile.mkdtemp(prefix="cc-bench-nginx-")
     conf = os.path.join(folder, "nginx.conf")
@@ -263,6 +288,7 @@ def bench_flush(database_url, keys=100_000, rounds=5):
     which adds to them. Medians are the figures; each round's are beside them."""
     made, added = [], []
     for round_ in range(rounds):
+        say(f"flusher: round {round_ + 1} of {rounds}, {keys:,} keys")
         first = 10_000_001 + round_ * keys
         shm = tempfile.mkdtemp(prefix="cc-bench-flush-", dir="/dev/shm")
         now = time.time()
@@ -296,6 +322,7 @@ def migrated_database():
     url = os.environ.get("DATABASE_URL")
     server = data = None
     if not url:
+        say("starting an embedded PostgreSQL (DATABASE_URL is unset)")
         data = tempfile.mkdtemp(prefix="cc-loadtest-pg-")
         server = embedded.EmbeddedPostgres(data)
         url = server.start()
@@ -310,19 +337,113 @@ def migrated_database():
             shutil.rmtree(data, ignore_errors=True)
 
 
-def main():
-    parser = argparse.ArgumentParser(description="click-counter benchmark")
+def _duration(seconds) -> str:
+    return f"{round(seconds)} s" if seconds < 120 else f"{round(seconds / 60)} minutes"
+
+
+def expected_seconds(args) -> float:
+    """A rough duration: the wrk runs and the pauses are exact; starting both
+    servers (~4 s) and a flush round of 100,000 keys (~3 s) are estimates."""
+    seconds = 5 * args.flush_rounds * args.flush_keys / 100_000 + 10
+    if not args.skip_http:
+        per_start = 4 + 1 + args.rounds * 2 * (args.seconds + 0.5)
+        seconds += len(args.stacks) * args.starts * per_start + args.seconds + 5
+    return seconds
+
+
+def targets(report) -> list:
+    """Each target: what, the figure, the bound, met or not."""
+    rows = []
+    for stack, bound in RATIO_TARGETS.items():
+        if stack in report:
+            figures = report[stack]
+            ratio = figures["ratio_to_own_ceiling"]
+            rows.append({"target": f"{stack}: click route / empty WSGI, median of "
+                                   f"{len(figures['ratio_by_start'])} starts",
+                         "value": ratio, "bound": f">= {bound}", "met": ratio >= bound})
+            counted = figures["stored_vs_answered"]
+            rows.append({"target": f"{stack}: answered 2xx <= stored <= sent",
+                         "value": f"{counted['answered_2xx']:,} <= {counted['stored']:,} <= {counted['sent']:,}",
+                         "bound": "holds", "met": counted["ok"]})
+    for kind in ("new_rows", "existing_rows"):
+        if report["flush"]["rows"] != 100_000:
+            break  # the target is for flushes of 100,000 keys
+        rate = report["flush"][kind]["rows_per_s"]
+        rows.append({"target": f"flusher: {kind.replace('_', ' ')}, rows/s (median of {report['flush']['rounds']})",
+                     "value": rate, "bound": f">= {FLUSH_TARGET:,}", "met": rate >= FLUSH_TARGET})
+    return rows
+
+
+def summary(report, args) -> str:
+    """The short table of targets, then the other figures, one line each."""
+    rows = [(t["target"], f"{t['value']:,}" if isinstance(t["value"], int) else str(t["value"]),
+             t["bound"], "yes" if t["met"] else "NO") for t in report["targets"]]
+    header = ("target", "value", "bound", "met")
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
+    lines = [f"click-counter benchmark: {report['took']}, {args.workers} worker(s), "
+             f"{args.connections} connections", ""]
+    for row in [header] + rows if rows else []:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    met = sum(t["met"] for t in report["targets"])
+    lines += [f"{met} of {len(report['targets'])} targets met" if rows else
+              "no target applies (they need the HTTP part, and flushes of 100,000 keys)", ""]
+    for stack in args.stacks if not args.skip_http else []:
+        figures = report[stack]
+        empty, click = figures["empty_wsgi"], figures["click_route"]
+        lines.append(f"{stack}: empty WSGI {empty['rps']:,.0f} req/s, click route {click['rps']:,.0f} req/s "
+                     f"(p50 {click['p50_ms']} ms, p99 {click['p99_ms']} ms), per-start ratios "
+                     + ", ".join(map(str, figures["ratio_by_start"])))
+        if "click_ratio_to_nginx" in figures:
+            lines.append(f"{stack}: click route / nginx return 204 "
+                         f"({report['nginx_return_204']['rps']:,.0f} req/s): {figures['click_ratio_to_nginx']}")
+    if "stats_one_day" in report.get(args.stacks[0], {}) and not args.skip_http:
+        latency = report[args.stacks[0]]["stats_one_day"]
+        lines.append(f"stats, one day of minute rows: p50 {latency['p50_ms']} ms, p99 {latency['p99_ms']} ms")
+    flush = report["flush"]
+    lines.append(f"flusher, {flush['rows']:,} keys: making rows {flush['new_rows']['rows_per_s']:,} rows/s, "
+                 f"adding to them {flush['existing_rows']['rows_per_s']:,} rows/s (medians of {flush['rounds']})")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    defaults = argparse.Namespace(seconds=3, rounds=2, starts=8, stacks=["gunicorn", "granian"],
+                                  flush_rounds=5, flush_keys=100_000, skip_http=False)
+    expected = _duration(expected_seconds(defaults))
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="The click route against an empty WSGI callable on each serving stack, "
+                    "nginx's return 204, stats latency and flusher throughput; a table of "
+                    "targets met at the end. Needs wrk and nginx (apt-get install wrk nginx-light) "
+                    "and the whole machine: servers on CPU 0, wrk on CPU 1.",
+        epilog=f"With the defaults it takes about {expected}; it says how far it is on "
+               "stderr. Smallest run: --stacks gunicorn --starts 1 --rounds 1 --seconds 1 "
+               "--flush-rounds 1.")
     parser.add_argument("--seconds", type=int, default=3, help="per wrk run")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs per server and start")
     parser.add_argument("--starts", type=int, default=8, help="fresh starts of both servers")
-    parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=64, help="wrk connections")
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per server")
     parser.add_argument("--stacks", default="gunicorn,granian",
                         help="comma-separated: gunicorn, granian")
-    parser.add_argument("--skip-http", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--skip-http", action="store_true", help="only the flusher")
+    parser.add_argument("--flush-rounds", type=int, default=5, help="flusher rounds")
+    parser.add_argument("--flush-keys", type=int, default=100_000,
+                        help="distinct (banner, minute) keys per flush")
+    parser.add_argument("--json", action="store_true", help="print the whole report as JSON")
+    args = parser.parse_args(argv)
     args.stacks = [name.strip() for name in args.stacks.split(",") if name.strip()]
+    unknown = set(args.stacks) - set(RATIO_TARGETS)
+    if unknown:
+        parser.error(f"unknown stack(s): {', '.join(sorted(unknown))} (gunicorn, granian)")
+    if not args.skip_http and not shutil.which("wrk"):
+        parser.error("wrk is not installed (apt-get install wrk), or use --skip-http")
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    STARTED[0] = time.monotonic()
+    say(f"expected to take about {_duration(expected_seconds(args))}")
     with migrated_database() as url:
         report = {"cpus": os.cpu_count(), "workers": args.workers, "connections": args.connections}
         if not args.skip_http:
@@ -333,8 +454,11 @@ def main():
                 if nginx_rps:
                     report[stack]["click_ratio_to_nginx"] = round(
                         report[stack]["click_route"]["rps"] / nginx_rps, 3)
-        report["flush"] = bench_flush(url)
-        print(json.dumps(report, indent=2))
+        report["flush"] = bench_flush(url, keys=args.flush_keys, rounds=args.flush_rounds)
+    elapsed = int(time.monotonic() - STARTED[0])
+    report["took"] = _duration(elapsed)
+    report["targets"] = targets(report)
+    print(json.dumps(report, indent=2) if args.json else summary(report, args))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,16 @@
 """Locust scenarios for click-counter: click beacons over a realistic banner
 distribution (a few hot banners, a long tail), stats queries, impressions.
 
-    locust -f loadtest/locustfile.py --headless -H http://127.0.0.1:8000 -u 200 -r 50 -t 60s
+    locust -f loadtest/locustfile.py --headless --only-summary -H http://127.0.0.1:8000 -u 200 -r 50 -t 60s
 
-The run exits non-zero when the failure ratio or the 95th percentile latency
-misses its threshold (LOCUST_MAX_FAIL_RATIO, default 0.01; LOCUST_MAX_P95_MS,
-default 100). Point it only at hosts you run yourself.
+Distributed: start workers (`--worker --master-host 127.0.0.1`), then the
+master (`--master --master-bind-host 127.0.0.1 --expect-workers N` plus the
+options above); see the README. The run ends with one line, the verdict:
+the process (the master, when distributed) exits 1 when the failure ratio or
+the 95th percentile latency misses its threshold (LOCUST_MAX_FAIL_RATIO,
+default 0.01; LOCUST_MAX_P95_MS, default 100) or no request was made, else 0.
+Workers send their numbers to the master and exit 0. Point it only at hosts
+you run yourself.
 """
 
 import datetime
@@ -18,6 +23,7 @@ import urllib.request
 import uuid
 
 from locust import FastHttpUser, between, events, task
+from locust.runners import MasterRunner, WorkerRunner
 
 HOT_BANNERS = 20  # get most of the clicks
 TAIL_BANNERS = 100_000  # share the rest
@@ -26,6 +32,7 @@ MAX_FAIL_RATIO = float(os.environ.get("LOCUST_MAX_FAIL_RATIO", "0.01"))
 MAX_P95_MS = float(os.environ.get("LOCUST_MAX_P95_MS", "100"))
 
 campaign_id = None
+verdict = None  # the last line of the run (see check_thresholds)
 
 
 def banner():
@@ -38,8 +45,8 @@ def banner():
 def make_campaign(environment, **kwargs):
     """One campaign per load process, starting a moment from now, for the impressions."""
     global campaign_id
-    if not environment.host:
-        return
+    if not environment.host or isinstance(environment.runner, MasterRunner):
+        return  # a master makes no requests
     start = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)
     body = json.dumps({"name": f"locust {uuid.uuid4().hex[:6]}", "start_time": start.isoformat()}).encode()
     request = urllib.request.Request(environment.host.rstrip("/") + "/api/v1/campaigns", data=body,
@@ -69,25 +76,36 @@ class Visitor(FastHttpUser):
 
     @task(1)
     def stats(self):
-        now = datetime.datetime.now(datetime.timezone.utc)
-        start = (now - datetime.timedelta(hours=1)).strftime("%Y-%m-%dT%H:%M:%SZ")
-        self.client.get(f"/stats/{random.randint(1, HOT_BANNERS)}?from={start}"
-                        f"&to={now.strftime('%Y-%m-%dT%H:%M:%SZ')}", name="/stats/[id]")
+        self.client.get(f"/stats/{random.randint(1, HOT_BANNERS)}?from=-1h", name="/stats/[id]")
 
 
 @events.quitting.add_listener
 def check_thresholds(environment, **kwargs):
+    """The verdict and the exit code, where the numbers are: in a standalone
+    run or on the master. A worker's own stats are empty by now (it sent them
+    to the master as it went), so it judges nothing."""
+    global verdict
+    if isinstance(environment.runner, WorkerRunner):
+        return
     total = environment.stats.total
-    p95 = total.get_response_time_percentile(0.95)
+    p95 = total.get_response_time_percentile(0.95) or 0
+    numbers = (f"{total.num_requests:,} requests ({total.total_rps:,.0f}/s), "
+               f"failure ratio {total.fail_ratio:.4f} (limit {MAX_FAIL_RATIO}), "
+               f"p95 {p95:.0f} ms (limit {MAX_P95_MS:.0f})")
     if total.num_requests == 0:
-        logging.error("no requests were made")
-        environment.process_exit_code = 1
+        problem = "no requests were made"
     elif total.fail_ratio > MAX_FAIL_RATIO:
-        logging.error("failure ratio %.4f is above %.4f", total.fail_ratio, MAX_FAIL_RATIO)
-        environment.process_exit_code = 1
+        problem = "the failure ratio is above its limit"
     elif p95 > MAX_P95_MS:
-        logging.error("95th percentile %.0f ms is above %.0f ms", p95, MAX_P95_MS)
-        environment.process_exit_code = 1
+        problem = "the 95th percentile is above its limit"
     else:
-        logging.info("thresholds met: failure ratio %.4f, p95 %.0f ms", total.fail_ratio, p95)
-        environment.process_exit_code = 0
+        problem = None
+    environment.process_exit_code = 1 if problem else 0
+    verdict = f"FAILED: {problem}: {numbers}" if problem else f"thresholds met: {numbers}"
+
+
+@events.quit.add_listener
+def say_verdict(**kwargs):
+    """After locust's final tables, so it is the last line printed."""
+    if verdict is not None:
+        (logging.error if verdict.startswith("FAILED") else logging.info)(verdict)

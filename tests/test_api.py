@@ -1,6 +1,7 @@
 """Every route and error of the HTTP contract, through falcon.testing, with a
 real segment writer and a real PostgreSQL behind the app."""
 
+import datetime
 import json
 import os
 
@@ -176,6 +177,27 @@ def test_stats_buckets_overlapping_the_range_edges_count(stats_rows):
     assert [s["ts"] for s in r.json["stats"]] == ["2024-01-01T10:05:00Z", "2024-01-01T11:59:00Z"]
 
 
+def test_stats_read_relative_times_and_to_defaults_to_now(env):
+    """What a user types: -5m, -1h, today... over POST and GET; `to` may be left out."""
+    before = datetime.datetime.now(datetime.timezone.utc)
+    minute = before.replace(second=0, microsecond=0)
+    insert(env.url, [(8, minute, 2), (8, minute - datetime.timedelta(minutes=30), 1)])
+    asked = [env.simulate_post("/stats/8", json={"from": "-5m"}),
+             env.simulate_post("/v1/banners/stats/8", json={"tsFrom": "-5m", "tsTo": "+1m"}),
+             env.simulate_get("/stats/8", query_string="from=-5m"),
+             env.simulate_get("/stats/8", query_string="from=-5M&to=now")]
+    for r in asked:
+        assert r.status_code == 200 and r.json["total"] == 2, r.text
+    r = env.simulate_get("/stats/8", query_string="from=-1h")
+    after = datetime.datetime.now(datetime.timezone.utc)
+    assert r.json["total"] == 3
+    to = datetime.datetime.fromisoformat(r.json["to"].replace("Z", "+00:00"))
+    assert before <= to <= after  # `to` left out: now
+    r = env.simulate_post("/stats/8", json={"from": "yesterday", "to": "today", "granularity": "day"})
+    midnight = after.replace(hour=0, minute=0, second=0, microsecond=0)  # today is UTC over HTTP
+    assert r.status_code == 200 and r.json["to"] == midnight.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def test_early_years_are_zero_padded(env):
     r = env.simulate_post("/stats/1", json={"from": "0230-05-04T01:00:00Z", "to": "0230-05-05T01:00:00Z",
                                             "granularity": "day"})
@@ -192,9 +214,13 @@ def test_stats_of_an_unknown_banner_is_empty(stats_rows):
     (b"", "empty"),
     (b"[1, 2]", "JSON object"),
     (b'{"to": "2024-01-02"}', "'from' is required"),
-    (b'{"from": "2024-01-02"}', "'to' is required"),
+    (b'{"to": "-1h"}', "'from' is required"),
     (b'{"from": 5, "to": "2024-01-02"}', "string"),
-    (b'{"from": "yesterday", "to": "2024-01-02"}', "ISO-8601"),
+    (b'{"from": "last tuesday", "to": "2024-01-02"}', "ISO-8601"),
+    (b'{"from": "-1x"}', "-1h"),
+    (b'{"from": "-999999999w"}', "between the years"),
+    (b'{"from": "2024-01-02"}', "use granularity 'hour'"),  # to: now
+    (b'{"from": "+1h"}', "before"),
     (b'{"from": "2024-01-02", "to": "2024-01-01"}', "before"),
     (b'{"from": "2024-01-02", "to": "2024-01-02"}', "before"),
     (b'{"from": "2024-01-01", "to": "2024-01-02", "granularity": "week"}', "granularity"),
@@ -330,3 +356,56 @@ def test_metrics_expose_the_flushers_totals_and_the_workers_refusals(tmp_path, d
     Flusher(str(shm), database_url).run(stop, interval=0.05)
     assert _metric(client.simulate_get("/metrics").text, "click_counter_clicks_rejected_total") == refused
     assert not [n for n in os.listdir(shm) if n.endswith(".wst")]
+
+
+def test_metrics_count_accepted_clicks_and_impressions_apart(tmp_path, database_url):
+    """click_counter_clicks_accepted_total counts clicks only, and
+    click_counter_impressions_accepted_total impressions; both include what
+    waits in shared memory while the database is away."""
+    import datetime
+    import uuid
+
+    from counter import impressions, storage
+    from counter.flusher import StopSignal
+    from counter.worker_stats import WorkerStats
+
+    shm = tmp_path / "shm"
+    shm.mkdir()
+    settings = config.load({"DATABASE_URL": database_url, "SHM_DIR": str(shm)})
+    clicks = segment.SegmentWriter(shm, 64, 1 << 22)
+    client = falcon.testing.TestClient(click_route(clicks, create_app(
+        settings, clicks, database.Database(database_url), impressions.ImpressionLog(shm, 64, 1 << 22),
+        WorkerStats(shm))))
+    campaign = uuid.uuid4()
+    conn = storage.connect(database_url)
+    storage.create_campaign(conn, campaign, "c", datetime.datetime.now(datetime.timezone.utc)
+                            - datetime.timedelta(hours=1))
+    conn.close()
+
+    def traffic(click_count, impression_count, first_user):
+        for banner in range(1, click_count + 1):
+            assert client.simulate_get(f"/counter/{banner}").status_code == 200
+        for user in range(first_user, first_user + impression_count):
+            r = client.simulate_post("/api/v1/impressions",
+                                     json={"campaign_id": str(campaign), "user_id": f"u{user}", "ad_id": "a"})
+            assert r.status_code == 202, r.text
+
+    def accepted():
+        text = client.simulate_get("/metrics").text
+        return (_metric(text, "click_counter_clicks_accepted_total"),
+                _metric(text, "click_counter_impressions_accepted_total"))
+
+    def flusher(url):
+        stop = StopSignal(0.3)
+        stop.set()
+        Flusher(str(shm), url).run(stop, interval=0.05)
+
+    traffic(7, 3, 0)
+    flusher(database_url)
+    assert accepted() == (7, 3)
+    traffic(5, 2, 100)  # the database away: they wait in shared memory, and count
+    flusher("postgresql://u@127.0.0.1:1/x")
+    assert _metric(client.simulate_get("/metrics").text, "click_counter_database_up") == 0
+    assert accepted() == (12, 5)
+    flusher(database_url)  # back: flushed, the same totals
+    assert accepted() == (12, 5)

@@ -78,3 +78,56 @@ def test_the_http_benchmark_takes_the_ratio_within_each_start(database_url):
     assert report["stats_one_day"]["buckets"] == 1440
     counted = report["stored_vs_answered"]
     assert counted["answered_2xx"] > 0 and counted["ok"]
+
+
+def _report(gunicorn_ratio, granian_ratio, flush_rates):
+    """A report as bench.main makes it, with the given headline figures."""
+    def stack(ratio):
+        run = {"rps": 10_000.0, "p50_ms": 1.0, "p99_ms": 2.0}
+        return {"ratio_to_own_ceiling": ratio, "ratio_by_start": [ratio] * 8, "empty_wsgi": run,
+                "click_route": dict(run, rps=10_000.0 * ratio), "click_ratio_to_nginx": 0.2,
+                "stats_one_day": {"p50_ms": 11.0, "p99_ms": 19.0},
+                "stored_vs_answered": {"answered_2xx": 5, "stored": 6, "sent": 7, "ok": True}}
+    return {"nginx_return_204": {"rps": 50_000.0}, "gunicorn": stack(gunicorn_ratio),
+            "granian": stack(granian_ratio), "took": "6 minutes",
+            "flush": {"rows": 100_000, "rounds": 5,
+                      "new_rows": {"rows_per_s": flush_rates[0]}, "existing_rows": {"rows_per_s": flush_rates[1]}}}
+
+
+def test_the_benchmark_ends_with_each_target_met_or_not():
+    args = bench.parse_args(["--skip-http"])
+    args.skip_http = False  # the report below has the HTTP part
+    report = _report(0.86, 0.89, (200_000, 140_000))
+    report["targets"] = bench.targets(report)
+    met = {t["target"].split(",")[0]: t["met"] for t in report["targets"]}
+    assert met == {"gunicorn: click route / empty WSGI": True, "gunicorn: answered 2xx <= stored <= sent": True,
+                   "granian: click route / empty WSGI": False, "granian: answered 2xx <= stored <= sent": True,
+                   "flusher: new rows": True, "flusher: existing rows": False}
+    lines = bench.summary(report, args).splitlines()
+    table = {line.split("  ")[0]: line.split() for line in lines if line.startswith(("gunicorn: click", "granian: click"))}
+    assert table["gunicorn: click route / empty WSGI, median of 8 starts"][-3:] == [">=", "0.85", "yes"]
+    assert table["granian: click route / empty WSGI, median of 8 starts"][-3:] == [">=", "0.9", "NO"]
+    assert "4 of 6 targets met" in lines
+    assert len(lines) < 20
+
+
+def test_the_benchmark_reports_progress_and_json_and_its_duration_in_help(database_url):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    command = [sys.executable, "-m", "loadtest.bench", "--skip-http", "--flush-rounds", "1", "--flush-keys", "3000"]
+    env = dict(os.environ, DATABASE_URL=database_url)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "expected to take about" in done.stderr and "flusher: round 1 of 1, 3,000 keys" in done.stderr
+    assert done.stdout.startswith("click-counter benchmark: ") and "flusher, 3,000 keys" in done.stdout
+    machine = subprocess.run(command + ["--json"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    report = json.loads(machine.stdout)
+    assert report["flush"]["rows"] == 3000 and report["targets"] == []  # the targets are for 100,000 keys
+    usage = subprocess.run([sys.executable, "-m", "loadtest.bench", "--help"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60).stdout
+    assert "(default: 8)" in usage and "takes about 6 minutes" in " ".join(usage.split())

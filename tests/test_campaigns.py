@@ -83,6 +83,16 @@ def test_create_and_get_a_campaign(api):
     assert got.status_code == 200 and got.json == r.json
 
 
+def test_a_campaign_can_start_in_a_minute_given_as_plus_1m(api):
+    before = datetime.datetime.now(datetime.timezone.utc)
+    r = api.simulate_post("/api/v1/campaigns", json={"name": "soon", "start_time": "+1m"})
+    assert r.status_code == 201, r.text
+    start = datetime.datetime.fromisoformat(r.json["start_time"].replace("Z", "+00:00"))
+    assert before + datetime.timedelta(minutes=1) <= start <= datetime.datetime.now(
+        datetime.timezone.utc) + datetime.timedelta(minutes=1)
+    assert_error(api.simulate_post("/api/v1/campaigns", json={"name": "late", "start_time": "-1m"}), 400, "future")
+
+
 @pytest.mark.parametrize("body,fragment", [
     ({"name": "x", "start_time": iso(NOW - datetime.timedelta(minutes=1))}, "future"),
     ({"name": "", "start_time": iso(NOW + datetime.timedelta(days=1))}, "'name'"),
@@ -300,7 +310,7 @@ def test_campaigns_create_list_and_stats_from_the_command_line(database_url, tmp
 
     env = {"DATABASE_URL": database_url}
     runner = CliRunner()
-    made = runner.invoke(main, ["campaigns", "create", "Winter", "--start", "+1d"], env=env)
+    made = runner.invoke(main, ["campaigns", "create", "Winter", "--start", "+1m"], env=env)
     assert made.exit_code == 0, made.output
     campaign_id = made.output.strip()
     uuid.UUID(campaign_id)

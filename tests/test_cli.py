@@ -45,7 +45,36 @@ def test_every_command_has_help():
 def test_serve_refuses_a_bad_setting_before_starting():
     done = subprocess.run([sys.executable, "-m", "cli", "serve", "--bind", "nowhere"],
                           capture_output=True, text=True, timeout=30)
-    assert done.returncode == 2 and "BIND" in done.stderr
+    assert done.returncode == 2 and "--bind nowhere" in done.stderr  # the option given, not BIND=
+
+
+def test_a_bad_option_is_named_as_typed_and_a_bad_variable_as_set():
+    # serve puts its options into the environment (for gunicorn): None restores it after
+    given = run(["serve", "--workers", "0"], {"WORKERS": None})
+    assert given.exit_code == 2 and "Error: --workers 0 must be between 1 and 1024" in given.output
+    assert "WORKERS=" not in given.output
+    from_env = run(["serve"], {"WORKERS": "0"})
+    assert from_env.exit_code == 2 and "WORKERS='0'" in from_env.output
+
+
+def test_version_is_the_package_version():
+    import importlib.metadata
+
+    result = run(["--version"], {})
+    assert result.exit_code == 0
+    assert result.output == f"counter, version {importlib.metadata.version('click-counter')}\n"
+
+
+def test_help_examples_use_times_that_are_never_in_the_past():
+    import re
+
+    commands = [["serve"], ["flusher"], ["db", "migrate"], ["db", "status"], ["db", "prune"], ["stats"],
+                ["export"], ["top"], ["campaigns", "create"], ["campaigns", "list"], ["campaigns", "stats"]]
+    for args in commands:
+        text = run([*args, "--help"], {}).output
+        examples = text.split("Example", 1)[1].split("Options:")[0]
+        assert not re.search(r"\d{4}-\d\d-\d\d", examples), (args, examples)
+    assert "--start +1m" in run(["campaigns", "create", "--help"], {}).output
 
 
 # -- reading statistics --------------------------------------------------------------
@@ -193,6 +222,29 @@ def test_an_empty_export_is_valid_in_every_format(known, tmp_path):
     assert json.loads(run(["export", *empty, "--format", "json"], known).output) == []
     assert run(["export", *empty, "--format", "ndjson"], known).output == ""
     assert run(["export", *empty], known).output == "banner_id,ts,clicks\n"
+
+
+def test_export_into_a_missing_directory_is_one_line_and_exit_2(tmp_path):
+    # checked before the database is asked: this URL is never reached
+    env = {"DATABASE_URL": "postgresql://me:hunter2@127.0.0.1:1/db"}
+    result = run(["export", "--from", "-1h", "-o", str(tmp_path / "nowhere" / "x.csv")], env)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [f"Error: Invalid value for '-o' / '--output': directory '{tmp_path / 'nowhere'}' does not exist"]
+
+
+def test_an_export_that_cannot_be_written_is_one_line_and_exit_1(known, tmp_path):
+    import resource
+
+    target = tmp_path / "out.csv"
+    done = subprocess.run([sys.executable, "-m", "cli", "export", *RANGE, "-o", str(target)],
+                          env=dict(os.environ, **known), capture_output=True, text=True, timeout=60,
+                          # files may not grow past 10 bytes: the write fails (EFBIG)
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (10, 10)))
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.splitlines() == [f"Error: cannot write {target}: File too large"]
+    assert os.listdir(tmp_path) == []  # nothing half-written left behind
 
 
 def test_a_failed_export_leaves_no_file_and_keeps_the_old_one(tmp_path):

@@ -43,6 +43,25 @@ def test_the_document_is_valid_openapi():
     validate(DOC)
 
 
+def test_the_document_names_the_package_version():
+    import importlib.metadata
+
+    assert DOC["info"]["version"] == importlib.metadata.version("click-counter")
+
+
+def test_stats_times_may_be_relative_and_to_is_optional():
+    for path in ("/stats/{bannerID}", "/v1/banners/stats/{bannerID}"):
+        params = {p["name"]: p for p in DOC["paths"][path]["get"]["parameters"]}
+        assert params["from"]["required"] and not params["to"]["required"]
+        assert "format" not in params["from"]["schema"]  # not only date-time
+        assert "-1h" in params["from"]["description"] and "now" in params["to"]["description"]
+    body = DOC["components"]["schemas"]["StatsRequest"]
+    assert body["anyOf"] == [{"required": ["from"]}, {"required": ["tsFrom"]}]
+    jsonschema.validate({"from": "-1h"}, dict(body, components=COMPONENTS))
+    start = DOC["components"]["schemas"]["NewCampaign"]["properties"]["start_time"]
+    assert "+1m" in start["description"] and "format" not in start
+
+
 def test_every_route_and_method_is_documented():
     stub = types.SimpleNamespace(add=lambda *a: True, append=lambda *a: True)
     app = create_app(config.load({"SHM_DIR": "/tmp/unused", "DATABASE_URL": "postgresql://x@h/d"}),
@@ -107,10 +126,13 @@ def test_real_answers_match_their_schemas(tmp_path, database_url):
         ("POST", "/stats/1", {"json": {"from": "2024-01-02", "to": "2024-01-01"}}),
         ("POST", "/stats/1", {"body": "x" * 70000}),
         ("GET", "/stats/1", {"query_string": "from=2024-01-01&to=2024-01-02&granularity=hour"}),
+        ("GET", "/stats/1", {"query_string": "from=-1h"}),
+        ("POST", "/stats/1", {"json": {"from": "-5m"}}),
         ("POST", "/v1/banners/stats/1", {"json": {"tsFrom": "2024-01-01", "tsTo": "2024-01-02"}}),
         ("GET", "/health", {}), ("GET", "/v1/healthcheck", {}), ("GET", "/metrics", {}),
         ("GET", "/openapi.json", {}),
         ("POST", "/api/v1/campaigns", {"json": {"name": "d", "start_time": future}}),
+        ("POST", "/api/v1/campaigns", {"json": {"name": "e", "start_time": "+1m"}}),
         ("POST", "/api/v1/campaigns", {"json": {"name": "", "start_time": future}}),
         ("GET", f"/api/v1/campaigns/{campaign}", {}), ("GET", f"/api/v1/campaigns/{uuid.uuid4()}", {}),
         ("GET", f"/api/v1/campaigns/{campaign}/stats", {}),

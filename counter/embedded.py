@@ -314,11 +314,12 @@ class EmbeddedPostgres:
     # -- shared use (the rule in the module docstring) ---------------------------
 
     @contextlib.contextmanager
-    def _locked(self):
+    def _locked(self, make_dir=True):
         """The exclusive flock on DATA_DIR/embedded.lock (its content: the pid
         of the postmaster counter started)."""
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            if make_dir:
+                self.data_dir.mkdir(parents=True, exist_ok=True)
             lock = open(self.data_dir / "embedded.lock", "a+")
         except OSError as exc:
             raise EmbeddedError(f"cannot open {self.data_dir / 'embedded.lock'}: {exc.strerror or exc}")
@@ -362,7 +363,7 @@ class EmbeddedPostgres:
         if lease is None:
             return
         try:
-            with self._locked() as lock:
+            with self._locked(make_dir=False) as lock:
                 try:
                     fcntl.flock(lease, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
@@ -385,18 +386,26 @@ class EmbeddedPostgres:
         except EmbeddedError as exc:
             log.warning("embedded PostgreSQL: %s", exc)
 
-    def _other_clients(self):
+    def _other_clients(self, grace=1.0):
         """Clients connected that are not counter's own (psql, ...); those are
-        counted by the flock. An error (unknown) counts as in use."""
+        counted by the flock. A client that has just closed its connection is
+        listed until its backend exits: wait up to `grace` s for that. An
+        error (unknown) counts as in use."""
         from counter import storage
 
         try:
             conn = storage.connect(self.url)
+            conn.autocommit = True  # a transaction would see one snapshot of pg_stat_activity
             try:
+                deadline = time.monotonic() + grace
                 with conn.cursor() as cur:
-                    cur.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
-                                "AND pid <> pg_backend_pid() AND application_name NOT LIKE 'click-counter%%'")
-                    return cur.fetchone()[0]
+                    while True:
+                        cur.execute("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' "
+                                    "AND pid <> pg_backend_pid() AND application_name NOT LIKE 'click-counter%%'")
+                        others = cur.fetchone()[0]
+                        if others == 0 or time.monotonic() > deadline:
+                            return others
+                        time.sleep(0.05)
             finally:
                 conn.close()
         except storage.DatabaseError as exc:

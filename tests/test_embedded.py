@@ -154,8 +154,25 @@ def test_another_client_keeps_the_server_running_until_it_leaves(data_dir):
     assert not running(data_dir)
 
 
-def long_export(data_dir):
-    """A CLI export that stops mid-stream until its stdout is read."""
+@pytest.fixture
+def long_export():
+    """long_export(data_dir): a CLI export that stops mid-stream until its
+    stdout is read. Any still running after the test is killed (by pid)."""
+    started = []
+
+    def start(data_dir):
+        export = _long_export(data_dir)
+        started.append(export)
+        return export
+
+    yield start
+    for export in started:
+        if export.poll() is None:
+            export.kill()
+            export.wait()
+
+
+def _long_export(data_dir):
     export = subprocess.Popen([sys.executable, "-m", "cli", "export", "--from", "2024-01-01", "--to", "2024-02-01"],
                               env=env_for(data_dir), cwd=str(ROOT), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
@@ -170,7 +187,8 @@ def finish(export):
 
 
 @pytest.mark.service
-def test_serve_and_a_long_export_share_the_server_and_the_last_one_out_stops_it(data_dir, service_factory):
+def test_serve_and_a_long_export_share_the_server_and_the_last_one_out_stops_it(data_dir, service_factory,
+                                                                                 long_export):
     assert cli(data_dir, "db", "migrate").returncode == 0
     server = embedded.EmbeddedPostgres(data_dir)
     query(server.acquire(), "INSERT INTO clicks SELECT g, '2024-01-01T00:00Z'::timestamptz + g * interval '1 second', 1 "

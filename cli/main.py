@@ -16,7 +16,7 @@ import click
 
 from cli import output
 from counter import campaigns as campaign_rules  # `campaigns` is the command group
-from counter import config, stats_request, storage, times, version
+from counter import config, embedded, stats_request, storage, times, version
 
 
 def _settings(**overrides):
@@ -31,17 +31,31 @@ def _settings(**overrides):
         raise click.UsageError(str(exc))
 
 
-def _database_url(settings):
-    if settings.database_url is None:
-        raise click.UsageError("DATABASE_URL is not set (only `counter serve` starts an embedded database)")
-    return settings.database_url
+def _database_url(settings, create=False):
+    """DATABASE_URL; unset, the embedded database of DATA_DIR (the one
+    `counter serve` uses): attached to when it runs, else started for this
+    command and stopped after it unless another user came meanwhile (the rule
+    in counter.embedded). A cluster is created only when `create`."""
+    if settings.database_url is not None:
+        return settings.database_url
+    root = click.get_current_context().find_root()
+    server = root.meta.get("counter.embedded")
+    if server is None:
+        server = embedded.EmbeddedPostgres(settings.data_dir)
+        try:
+            server.acquire(create=create)
+        except embedded.EmbeddedError as exc:
+            raise click.ClickException(str(exc))
+        root.meta["counter.embedded"] = server
+        root.call_on_close(server.release)  # also after an error or Ctrl-C
+    return server.url
 
 
 @contextlib.contextmanager
-def _database(failure="database error"):
-    """A connection to DATABASE_URL; any database error ends the command with
+def _database(failure="database error", create=False):
+    """A connection to the database; any database error ends the command with
     one line (password masked)."""
-    url = _database_url(_settings())
+    url = _database_url(_settings(), create)
     try:
         conn = storage.connect(url)
     except storage.DatabaseError as exc:
@@ -140,13 +154,14 @@ def flusher(parent_pid, drain):
 
     settings = _settings()
     service.setup_logging(settings, "flusher")
-    _database_url(settings)
+    if settings.database_url is None:
+        raise click.UsageError("DATABASE_URL is not set (`counter serve` sets it for the flusher it starts)")
     sys.exit(flusher_module.main(settings, parent_pid=parent_pid, drain=drain))
 
 
 @main.group()
 def db():
-    """Database schema and retention: migrate, status, prune."""
+    """Database schema and retention: migrate, status, prune, url."""
 
 
 @db.command()
@@ -157,7 +172,7 @@ def migrate():
     Example:
       DATABASE_URL=postgresql://localhost/clicks counter db migrate
     """
-    with _database("migration failed") as conn:
+    with _database("migration failed", create=True) as conn:
         applied = storage.migrate(conn)
     click.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
 
@@ -173,6 +188,28 @@ def status():
     for version, name, applied_at in _query(storage.migration_status):
         state = f"applied {applied_at:%Y-%m-%d %H:%M:%S}" if applied_at else "pending"
         click.echo(f"{version:04d}_{name}  {state}")
+
+
+@db.command("url")
+def db_url():
+    """Print the database's URL, for psql: DATABASE_URL (password masked), or,
+    when it is unset, the embedded database's while its server runs (its port
+    changes at every start). Starts nothing.
+
+    \b
+    Example:
+      psql "$(counter db url)"
+    """
+    settings = _settings()
+    if settings.database_url is not None:
+        click.echo(storage.redact(settings.database_url))
+        return
+    server = embedded.EmbeddedPostgres(settings.data_dir)
+    server.port = server.running_port()
+    if server.port is None:
+        raise click.ClickException(f"no embedded PostgreSQL is running on {server.pgdata} "
+                                   f"(it runs while `counter serve` does)")
+    click.echo(server.url)
 
 
 @db.command()

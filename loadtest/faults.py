@@ -24,10 +24,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from counter import embedded, storage
-from loadtest import audit, clicker
+from loadtest import audit, clicker, hostile
 from loadtest.harness import ROOT, Service, alive
 
 MODES = {
@@ -284,6 +285,37 @@ class Suite:
         finally:
             conn.close()
 
+    def upgrade_storm(self):
+        """Hostile clients beside the load: bad Upgrade/CONNECT requests,
+        garbage, huge ids, odd methods. Nobody else may get a 5xx, and no
+        worker may die."""
+        service = self.service()
+        workers = sorted(service.worker_pids())
+        load = self.load(service)
+        sent = {"requests": 0, "5xx": 0}
+        lock = threading.Lock()
+        deadline = time.monotonic() + self.mode["seconds"]
+
+        def attacker(seed):
+            for raw, wait, _ in hostile.hostile_requests(random.Random(seed)):
+                if time.monotonic() > deadline:
+                    return
+                codes = hostile.attack(service.port, raw, wait)
+                with lock:
+                    sent["requests"] += 1
+                    sent["5xx"] += sum(c >= 500 for c in codes)
+
+        threads = [threading.Thread(target=attacker, args=(seed,)) for seed in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        tally = load.finish()
+        checks = {"hostile requests": sent["requests"], "5xx to hostile": sent["5xx"],
+                  "5xx to clicks": sum(n for status, n in tally.statuses.items() if status >= 500),
+                  "same workers": sorted(service.worker_pids()) == workers}
+        return tally, self.verdict(load, tally), checks
+
     def sigterm(self):
         service = self.service()
         load = self.load(service)
@@ -296,7 +328,7 @@ class Suite:
 
 SCENARIOS = ["worker_kills", "flusher_kills", "master_kill", "kill_everything", "pg_down",
              "pg_restarts", "memory_flood", "shm_removed", "flusher_frozen", "statement_timeout",
-             "sigterm"]
+             "upgrade_storm", "sigterm"]
 
 
 def passed(name, verdict, checks):
@@ -319,6 +351,9 @@ def passed(name, verdict, checks):
         ok = ok and checks["health while frozen"] == "degraded" and checks["pending while frozen"] > 0
     if name == "statement_timeout":
         ok = ok and checks["parts shrunk"] > 0
+    if name == "upgrade_storm":
+        ok = ok and checks["hostile requests"] > 100 and checks["5xx to hostile"] == 0
+        ok = ok and checks["5xx to clicks"] == 0 and checks["same workers"]
     if name == "sigterm":
         ok = ok and checks["exit code"] == 0 and checks["segments left"] == 0
     return ok

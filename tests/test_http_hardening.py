@@ -13,6 +13,7 @@ import time
 import pytest
 
 from conftest import clicks_by_banner, wait_until
+from loadtest.hostile import status_codes
 
 pytestmark = pytest.mark.service
 
@@ -34,10 +35,6 @@ def exchange(port, raw, wait=1.5):
     finally:
         sock.close()
     return received
-
-
-def status_codes(received):
-    return [int(line.split()[1]) for line in received.split(b"\r\n") if line.startswith(b"HTTP/1.")]
 
 
 def fd_count(pid):

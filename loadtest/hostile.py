@@ -51,13 +51,6 @@ def answered(received):
     return False
 
 
-def click(port, banner):
-    """One valid click on a fresh connection; its status (None: no answer)."""
-    codes = status_codes(exchange(
-        port, f"GET /counter/{banner} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()))
-    return codes[0] if codes else None
-
-
 def hostile_requests(rng):
     """Endless (raw request, seconds to wait for an answer, whether a 2xx
     answer means a counted click of ATTACKER)."""

@@ -9,7 +9,6 @@ exactly through a storm of attacks."""
 
 import importlib.metadata
 import random
-import socket
 import threading
 import time
 
@@ -21,6 +20,13 @@ from loadtest.hostile import ATTACKER, ATTACKS, attack, hostile_requests, status
 from test_http_hardening import exchange
 
 pytestmark = pytest.mark.service
+
+def click(port, banner):
+    """One valid click on a fresh connection; its status (None: no answer)."""
+    codes = status_codes(exchange(
+        port, f"GET /counter/{banner} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()))
+    return codes[0] if codes else None
+
 
 @pytest.fixture
 def one_worker(database_url, service_factory, stack):

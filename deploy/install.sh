@@ -19,13 +19,28 @@ else
     "${pip[@]}" install -e ".$extras"
 fi
 
-# meinheld pins greenlet<0.5, which does not build on Python 3.11+: install a
-# current greenlet, then meinheld without its pins. It does not import on
-# 3.13+, where the service falls back to another worker class (and says so).
+# meinheld 1.0.2 (unmaintained) is built from its PyPI sdist with our patch,
+# deploy/meinheld/meinheld-1.0.2.patch (what and why are in its header): a bad
+# Upgrade/CONNECT request no longer breaks the next request on its worker, and
+# it compiles against greenlet 3's own header. It is built from the patched
+# tree, with no cache, and the import check proves the patched build is the
+# one installed. It does not import on 3.13+, where the service falls back to
+# another worker class (and says so).
+meinheld_sha256=008c76937ac2117cc69e032dc69cea9f85fc605de9bac1417f447c41c16a56d6
 if "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info >= (3, 13))'; then
+    [ -f deploy/meinheld/meinheld-1.0.2.patch ] && [ -f deploy/meinheld/apply_patch.py ] \
+        || { echo "deploy/meinheld/ is missing: copy it along with install.sh" >&2; exit 1; }
     "${pip[@]}" install "greenlet>=3"
-    "${pip[@]}" install --no-deps "meinheld==1.0.2"
-    "$venv/bin/python" -c 'import meinheld.server' \
-        || { echo "meinheld was installed but does not import" >&2; exit 1; }
+    build=$(mktemp -d)
+    trap 'rm -rf "$build"' EXIT
+    "${pip[@]}" download --no-deps --no-binary :all: --no-cache-dir -d "$build" "meinheld==1.0.2"
+    echo "$meinheld_sha256  $build/meinheld-1.0.2.tar.gz" | sha256sum -c --quiet - \
+        || { echo "meinheld-1.0.2.tar.gz is not the sdist the patch was made for" >&2; exit 1; }
+    tar -xzf "$build/meinheld-1.0.2.tar.gz" -C "$build"
+    "$venv/bin/python" deploy/meinheld/apply_patch.py deploy/meinheld/meinheld-1.0.2.patch "$build/meinheld-1.0.2"
+    # --no-build-isolation: setup.py finds greenlet.h in this venv's greenlet
+    "${pip[@]}" install --no-deps --no-cache-dir --no-build-isolation --force-reinstall "$build/meinheld-1.0.2"
+    "$venv/bin/python" -c 'import meinheld.server as s; assert s.CLICK_COUNTER_PATCH == 1' \
+        || { echo "meinheld was installed but is not the patched build, or does not import" >&2; exit 1; }
 fi
 echo "installed into $venv: $("$venv/bin/python" --version), run $venv/bin/counter --help"

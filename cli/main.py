@@ -118,6 +118,8 @@ def serve(bind, workers, server):
     if service.choose_server(settings) == "granian":
         from counter import granian_serve
 
+        # checked again for granian (a segment per thread), and told to its workers
+        settings = _settings(SERVER="granian")
         sys.exit(granian_serve.run(settings))
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:counter.gunicorn_config"]
     os.execv(sys.executable, argv)

@@ -4,8 +4,9 @@ Dependencies come in as arguments: ``clicks`` has ``add(banner_id) -> bool``
 (a SegmentWriter in production), ``database`` has ``run(fn, *args)``.
 Every error, on every route, is rendered by ``_serialize_error`` as
 ``{"error": "...", "code": status}``; a BadRequest from the parsing modules
-becomes a 400 and a database error a 503 in one handler each, not in every
-responder.
+becomes a 400, a database error a 503, and Busy from ``database.run`` (all
+of the worker's connections wait already) a 503 at once, in one handler
+each, not in every responder.
 """
 
 import datetime
@@ -20,6 +21,7 @@ import falcon
 
 from counter import (campaigns, health, impressions, metrics, openapi, stats_request, storage,
                      worker_stats)
+from counter.database import Busy as DatabaseBusy
 
 log = logging.getLogger("counter.app")
 
@@ -57,6 +59,13 @@ def _database_unavailable(database):
         raise _error(falcon.HTTPServiceUnavailable, "the database is unavailable", retry_after=5)
 
     return handler
+
+
+def _database_busy(req, resp, exc, params):
+    # the worker's DB_WAITERS_PER_WORKER requests already wait: refuse, never queue
+    raise _error(falcon.HTTPServiceUnavailable,
+                 "too many requests are waiting on the database; retry shortly",
+                 retry_after=RETRY_AFTER)
 
 
 def read_body(req) -> bytes:
@@ -270,6 +279,7 @@ def create_app(settings, clicks, database, views=None, stats=None) -> falcon.App
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(stats_request.BadRequest, _bad_request)
     app.add_error_handler(storage.DatabaseError, _database_unavailable(database))
+    app.add_error_handler(DatabaseBusy, _database_busy)
 
     if stats is None:
         stats = worker_stats.WorkerStats(settings.shm_dir)

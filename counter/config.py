@@ -37,6 +37,7 @@ class Settings:
     stats_token: Optional[str]
     server: str
     flush_max_rows: int
+    db_waiters: int
 
 
 # name: (default, help) -- the README's configuration table is written from this.
@@ -59,7 +60,11 @@ DOCUMENTED = {
     "IMPRESSION_SLOTS": ("16384", "impressions one worker log holds before it rolls over (40 bytes each)"),
     "USER_HASH_KEY": ("(unset)", "hex key for hashing user ids; unset: one is made and kept in the database"),
     "STATS_TOKEN": ("(unset)", "bearer token required by the stats and campaign routes; unset: open"),
+    "DB_WAITERS_PER_WORKER": ("4", "requests per worker that may wait on the database at once (one "
+                              "connection each); one more gets 503 at once"),
 }
+
+DEFAULT_DB_WAITERS = 4
 
 _BIND = re.compile(r"^(?P<host>[^\s:]+|\[[0-9a-fA-F:]+\]):(?P<port>\d{1,5})$")
 
@@ -78,12 +83,21 @@ def _number(env, name, default, kind, minimum, maximum=None):
     return value
 
 
-def bytes_per_worker(segment_slots: int, impression_slots: int) -> int:
-    """Shared memory one worker may need: at a minute change it briefly holds
-    two click segments (the sealed one until it is flushed) and may hold two
-    impression logs."""
-    return 2 * (segment.file_size(segment_slots)
+def bytes_per_worker(segment_slots: int, impression_slots: int, threads: int = 1) -> int:
+    """Shared memory one worker may need: at a minute change each of its
+    threads that counts clicks briefly holds two click segments (the sealed
+    one until it is flushed), and the worker may hold two impression logs
+    (one log per worker, shared by its threads)."""
+    return 2 * (threads * segment.file_size(segment_slots)
                 + segment.file_size(impression_slots, impressions.IMPRESSIONS.record_words))
+
+
+def threads_per_worker(server: str, db_waiters: int) -> int:
+    """Threads that count clicks in one worker: granian runs the app on
+    DB_WAITERS_PER_WORKER + 1 threads (so that clicks have one left while
+    that many requests wait on the database), each with its own segment;
+    a meinheld or sync worker has one."""
+    return db_waiters + 1 if server == "granian" else 1
 
 
 def load(env: Optional[Mapping[str, str]] = None) -> Settings:
@@ -117,12 +131,19 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
     slots = _number(env, "SEGMENT_SLOTS", 16384, int, 16, 1 << 24)
     impression_slots = _number(env, "IMPRESSION_SLOTS", 16384, int, 16, 1 << 24)
     max_bytes = _number(env, "SHM_MAX_BYTES", 256 << 20, int, 1 << 16)
-    per_worker = bytes_per_worker(slots, impression_slots)
+    server = (env.get("SERVER", "").strip() or "auto").lower()
+    if server not in ("auto", "gunicorn", "granian"):
+        raise ConfigError(f"SERVER={server!r} must be auto, gunicorn or granian")
+    db_waiters = _number(env, "DB_WAITERS_PER_WORKER", DEFAULT_DB_WAITERS, int, 1, 64)
+    threads = threads_per_worker(server, db_waiters)
+    per_worker = bytes_per_worker(slots, impression_slots, threads)
     if workers * per_worker > max_bytes:
+        per_thread = (f" for each of its {threads} threads (granian: DB_WAITERS_PER_WORKER + 1)"
+                      if threads > 1 else "")
         raise ConfigError(
             f"SHM_MAX_BYTES={max_bytes} is too small for WORKERS={workers}: each worker needs "
-            f"{per_worker} bytes (two segments of SEGMENT_SLOTS={slots} and two logs of "
-            f"IMPRESSION_SLOTS={impression_slots}); raise SHM_MAX_BYTES or lower the others"
+            f"{per_worker} bytes (two segments of SEGMENT_SLOTS={slots}{per_thread} and two logs "
+            f"of IMPRESSION_SLOTS={impression_slots}); raise SHM_MAX_BYTES or lower the others"
         )
 
     key = env.get("USER_HASH_KEY", "").strip() or None
@@ -137,10 +158,6 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
     token = env.get("STATS_TOKEN", "").strip() or None
     if token is not None and (len(token) < 16 or not token.isprintable() or " " in token):
         raise ConfigError("STATS_TOKEN must be at least 16 printable characters without spaces")
-
-    server = (env.get("SERVER", "").strip() or "auto").lower()
-    if server not in ("auto", "gunicorn", "granian"):
-        raise ConfigError(f"SERVER={server!r} must be auto, gunicorn or granian")
 
     return Settings(
         database_url=database_url,
@@ -162,4 +179,5 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
         server=server,
         # the default is flusher.MAX_PART_ROWS (not imported: it brings psycopg2)
         flush_max_rows=_number(env, "FLUSH_MAX_ROWS", 100_000, int, 1, 10_000_000),
+        db_waiters=db_waiters,
     )

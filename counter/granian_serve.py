@@ -2,12 +2,18 @@
 by side (granian has no hooks like gunicorn's, and the flusher must not
 depend on them).
 
-    supervisor (this process) --spawns--> granian (WSGI, N workers, 1 thread each)
+    supervisor (this process) --spawns--> granian (WSGI, N workers, K+1 threads each)
                               --spawns, watches, restarts--> flusher
 
-Each granian worker runs the app on one blocking thread, so every segment
-still has one writer. If granian itself exits (it does when a
-worker dies twice within 5.5 s), it is started again. SIGTERM/SIGINT: granian
+Each granian worker runs the app on up to DB_WAITERS_PER_WORKER + 1 (K+1)
+blocking threads: K requests may wait on the database while clicks keep a
+thread (DESIGN invariant 12). Each thread counts clicks into a segment of its
+own (counter/thread_writers.py), so every segment still has one writer;
+granian starts the extra threads on demand and retires them after 30 s idle
+(--blocking-threads-idle-timeout), and their segments are then sealed. The
+workers learn the stack from SERVER=granian in their environment (set by
+`counter serve`). If granian itself exits (it does when a worker dies twice
+within 5.5 s), it is started again. SIGTERM/SIGINT: granian
 stops first (in-flight requests finish), then the flusher flushes until no segment has a live owner, then the
 embedded database stops. If this supervisor is killed, granian gets SIGTERM
 from the kernel (PR_SET_PDEATHSIG) and the flusher sees its parent gone.
@@ -41,7 +47,8 @@ def granian_command(settings, log_config):
     return [sys.executable, "-m", "granian", "--interface", "wsgi",
             "--host", host.strip("[]"), "--port", port,
             "--workers", str(settings.workers),
-            "--blocking-threads", "1",  # one writer per segment
+            # K may wait on the database, one more serves clicks; a segment per thread
+            "--blocking-threads", str(settings.db_waiters + 1),
             "--respawn-failed-workers", "--respawn-interval", "0.5",
             "--workers-kill-timeout", str(int(settings.graceful_timeout)),
             # idle connections count against backpressure: room for many, as

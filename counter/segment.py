@@ -286,6 +286,15 @@ class Writer:
         """Records (clicks, impressions) counted in `words` and not yet flushed."""
         raise NotImplementedError
 
+    def adopt(self, orphan: "Writer"):
+        """Take over the segments of a writer whose thread is gone (see
+        counter/thread_writers.py): its current one is sealed, and all of them
+        are looked after by this writer's housekeeping until drained. Only
+        the adopting thread touches `orphan` from now on."""
+        orphan._seal_current()
+        self._sealed.extend(orphan._sealed)
+        orphan._sealed = []
+
     def close(self):
         """At exit: seal the current segment, put back what was removed, and
         let go of everything (the flusher drains and removes the files)."""

@@ -84,12 +84,16 @@ def fit_shm_bound(settings):
     room = shm_directory.free_bytes(directory) + segment.segment_bytes(directory)
     if room >= settings.shm_max_bytes:
         return settings
-    needed = settings.workers * config.bytes_per_worker(settings.segment_slots, settings.impression_slots)
+    threads = config.threads_per_worker(settings.server, settings.db_waiters)
+    needed = settings.workers * config.bytes_per_worker(settings.segment_slots,
+                                                        settings.impression_slots, threads)
     if room < needed:
         sys.exit(f"cannot start: SHM_DIR {directory} has {room} bytes of room, less than "
                  f"SHM_MAX_BYTES={settings.shm_max_bytes} and less than the {needed} bytes that "
                  f"WORKERS={settings.workers} need; give that tmpfs more room (docker: --shm-size) "
-                 f"or lower WORKERS, SEGMENT_SLOTS or IMPRESSION_SLOTS")
+                 f"or lower WORKERS, SEGMENT_SLOTS or IMPRESSION_SLOTS"
+                 + (" (or DB_WAITERS_PER_WORKER: granian needs segments per thread)"
+                    if threads > 1 else ""))
     log.warning("SHM_DIR %s has %d bytes of room, less than SHM_MAX_BYTES=%d: using "
                 "SHM_MAX_BYTES=%d, so that clicks past it get a 503 instead of a full tmpfs",
                 directory, room, settings.shm_max_bytes, room)

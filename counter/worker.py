@@ -59,5 +59,9 @@ if _MeinheldWorker is not None:
             meinheld_server.set_error_logger(adapter)
 
         def init_process(self):
+            # in the worker, after the fork: database waits yield to meinheld's loop
+            from counter import green
+
+            green.install()
             raise_fd_limit(self.cfg.worker_connections)
             super().init_process()

@@ -25,6 +25,9 @@ def test_defaults_are_sane():
     ({"SEGMENT_SLOTS": "4"}, "SEGMENT_SLOTS"),
     ({"SHM_MAX_BYTES": "2000000", "SEGMENT_SLOTS": "1000000"}, "SHM_MAX_BYTES"),
     ({"SHM_MAX_BYTES": str(64 << 20), "WORKERS": "64"}, "too small for WORKERS=64"),
+    ({"SERVER": "granian", "WORKERS": "48"}, "each of its 5 threads"),  # a segment per thread
+    ({"DB_WAITERS_PER_WORKER": "0"}, "DB_WAITERS_PER_WORKER"),
+    ({"DB_WAITERS_PER_WORKER": "many"}, "DB_WAITERS_PER_WORKER"),
     ({"DEDUP_TTL": "0"}, "DEDUP_TTL"),
     ({"USER_HASH_KEY": "xyz"}, "USER_HASH_KEY"),
     ({"USER_HASH_KEY": "abcd"}, "USER_HASH_KEY"),

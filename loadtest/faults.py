@@ -33,10 +33,11 @@ from loadtest.harness import ROOT, Service, alive
 
 MODES = {
     # seconds of load per scenario, seconds PostgreSQL stays down, seconds the
-    # flusher stays frozen
-    "ci": {"seconds": 6, "pg_down": 5, "frozen": 7},
-    "full": {"seconds": 60, "pg_down": 60, "frozen": 20},
+    # flusher stays frozen, seconds the clicks table stays locked
+    "ci": {"seconds": 6, "pg_down": 5, "frozen": 7, "locked": 6},
+    "full": {"seconds": 60, "pg_down": 60, "frozen": 20, "locked": 15},
 }
+SLOW_CLICK = 1.0  # seconds: a click this slow waited on the database (tests/test_db_waits.py: 0.1)
 
 
 class Load:
@@ -285,6 +286,55 @@ class Suite:
         finally:
             conn.close()
 
+    def table_locked(self):
+        """`clicks` locked (ACCESS EXCLUSIVE) while the load runs and stats
+        requests pile up on every worker: clicks are still answered at once
+        and counted; stats beyond what may wait get a 503 with Retry-After."""
+        service = self.service()
+        load = self.load(service, seconds=self.mode["locked"] + self.mode["seconds"] / 2)
+        locker = storage.connect(self.url)
+        stop = threading.Event()
+        stats, probe = [], []
+        path = "/stats/1?from=-1h"
+
+        def ask_stats():
+            while not stop.is_set():
+                stats.append(service.get_with_headers(path))
+
+        def probe_clicks():  # one click every 20 ms, its latency measured
+            while not stop.is_set():
+                started = time.monotonic()
+                status = service.get("/counter/999999999")[0]
+                probe.append((status, time.monotonic() - started))
+                stop.wait(0.02)
+
+        try:
+            with locker.cursor() as cur:
+                cur.execute("LOCK TABLE clicks IN ACCESS EXCLUSIVE MODE")
+            # DB_WAITERS_PER_WORKER (4) may wait per worker; more than that ask
+            threads = [threading.Thread(target=ask_stats) for _ in range(2 * 6)]
+            threads.append(threading.Thread(target=probe_clicks))
+            for thread in threads:
+                thread.start()
+            time.sleep(self.mode["locked"])
+        finally:
+            stop.set()
+            locker.rollback()
+            locker.close()
+        for thread in threads:
+            thread.join(timeout=30)
+        tally = load.finish()
+        refused = [a for a in stats if a[0] == 503]
+        probe_ok = [s for s, _ in probe if s == 200]
+        checks = {"slowest probe click (s)": round(max(t for _, t in probe), 3),
+                  "probe clicks 2xx": f"{len(probe_ok)}/{len(probe)}",
+                  "stats refused with 503": len(refused),
+                  "503 without Retry-After": sum(1 for a in refused if not a[1].get("Retry-After")),
+                  "5xx to clicks": sum(n for status, n in tally.statuses.items() if status >= 500)}
+        verdict = self.verdict(load, tally)
+        verdict["lost"] += max(0, len(probe_ok) - audit.stored_clicks(self.url, {999999999})[0].get(999999999, 0))
+        return tally, verdict, checks
+
     def upgrade_storm(self):
         """Hostile clients beside the load: bad Upgrade/CONNECT requests,
         garbage, huge ids, odd methods. Nobody else may get a 5xx, and no
@@ -328,7 +378,7 @@ class Suite:
 
 SCENARIOS = ["worker_kills", "flusher_kills", "master_kill", "kill_everything", "pg_down",
              "pg_restarts", "memory_flood", "shm_removed", "flusher_frozen", "statement_timeout",
-             "upgrade_storm", "sigterm"]
+             "table_locked", "upgrade_storm", "sigterm"]
 
 
 def passed(name, verdict, checks):
@@ -351,6 +401,11 @@ def passed(name, verdict, checks):
         ok = ok and checks["health while frozen"] == "degraded" and checks["pending while frozen"] > 0
     if name == "statement_timeout":
         ok = ok and checks["parts shrunk"] > 0
+    if name == "table_locked":
+        ok = ok and checks["slowest probe click (s)"] < SLOW_CLICK and checks["5xx to clicks"] == 0
+        ok = ok and checks["stats refused with 503"] > 0 and checks["503 without Retry-After"] == 0
+        done, sent = map(int, checks["probe clicks 2xx"].split("/"))
+        ok = ok and done == sent > 0
     if name == "upgrade_storm":
         ok = ok and checks["hostile requests"] > 100 and checks["5xx to hostile"] == 0
         ok = ok and checks["5xx to clicks"] == 0 and checks["same workers"]

@@ -131,6 +131,18 @@ class Service:
         except urllib.error.HTTPError as e:
             return e.code, e.read()
 
+    def get_with_headers(self, path, timeout=30):
+        """(status, headers) of a GET; (None, {}) when no answer came."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+                r.read()
+                return r.status, r.headers  # an email.message.Message: names ignore case
+        except urllib.error.HTTPError as e:
+            e.read()
+            return e.code, e.headers
+        except OSError:
+            return None, {}
+
     def post(self, path, payload):
         request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(),
                                          headers={"Content-Type": "application/json"}, method="POST")

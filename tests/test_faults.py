@@ -17,4 +17,4 @@ def test_every_fault_scenario_loses_and_duplicates_nothing(server):
                           cwd=str(ROOT), capture_output=True, text=True, timeout=1200)
     print(done.stdout)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    assert "12 passed, 0 failed" in done.stdout
+    assert "13 passed, 0 failed" in done.stdout

@@ -253,6 +253,11 @@ class Writer:
         self._sealed = [kept for owned in self._sealed
                         for kept in [self._look_after(owned)] if kept is not None]
 
+    def tick(self):
+        """Housekeeping now, if due: for a worker that gets no records to
+        write (an idle one), called from its server's loop."""
+        self._tick(self.clock())
+
     def _look_after(self, owned: Owned):
         """A sealed segment once more: released when drained, republished
         when its file was removed and no flusher has it mapped. Returns what

@@ -12,6 +12,8 @@ import resource
 
 from gunicorn.workers.base import Worker
 
+from counter import segment
+
 try:
     from meinheld import server as meinheld_server
     from meinheld.gmeinheld import MeinheldWorker as _MeinheldWorker
@@ -65,3 +67,19 @@ if _MeinheldWorker is not None:
             green.install()
             raise_fd_limit(self.cfg.worker_connections)
             super().init_process()
+
+        def run(self):
+            # The writers' housekeeping (a removed SHM_DIR noticed, removed
+            # segments put back) runs on their own records; a worker that gets
+            # none runs it from meinheld's loop once a second, in its one thread.
+            housekeeping = getattr(self.wsgi, "housekeeping", None)
+            every = max(1, int(segment.HOUSEKEEPING_INTERVAL))  # meinheld's timers take whole seconds
+            if housekeeping is not None:
+                def tick():
+                    try:
+                        housekeeping()
+                    finally:
+                        meinheld_server.schedule_call(every, tick)
+
+                meinheld_server.schedule_call(every, tick)
+            super().run()

@@ -19,3 +19,6 @@ db = database.Database(settings.database_url, settings.db_waiters)
 api = app.create_app(settings, clicks, db, views, stats)
 # valid clicks are answered in front of Falcon; Falcon answers everything else
 application = click_route.click_route(clicks, api)
+if isinstance(clicks, segment.Writer):
+    # an idle worker still notices a removed SHM_DIR (see MeinheldWorker.run)
+    application.housekeeping = lambda: (clicks.tick(), views.tick())

@@ -132,3 +132,18 @@ def test_shm_dir_removed_under_load_loses_nothing(database_url, service_factory,
     assert health["shm"]["recreated_at"] is not None, health
     assert "was removed from under the running service" in service.log()
     assert os.path.exists(os.path.join(service.shm_dir, LOCK_FILE))
+
+
+@pytest.mark.service
+def test_an_idle_worker_puts_back_what_a_removed_shm_dir_held(database_url, service_factory):
+    """No click arrives after the removal: the worker's housekeeping runs from
+    meinheld's loop, not only on its clicks."""
+    service = service_factory(database_url, workers=1)
+    flusher = service.flusher_pid()
+    os.kill(flusher, signal.SIGSTOP)  # nothing gets flushed from now on
+    assert clicker.drive(service.url, 7, banners=1, connections=1).statuses[200] == 7
+    shutil.rmtree(service.shm_dir)
+    os.kill(flusher, signal.SIGKILL)  # only the worker maps the segment now
+    # no click comes: the new flusher gets only what the idle worker puts back
+    assert wait_until(lambda: clicks_by_banner(database_url) == {1: 7}, timeout=15), \
+        clicks_by_banner(database_url)

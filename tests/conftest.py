@@ -42,6 +42,15 @@ def postgres_url():
             server.stop(mode="immediate")
 
 
+@pytest.fixture
+def shm(tmp_path):
+    """A shared-memory directory of the test's own (any directory works for the
+    protocol; tmpfs matters only for speed)."""
+    path = tmp_path / "shm"
+    path.mkdir()
+    return str(path)
+
+
 def _with_database(url, name):
     parts = url.rsplit("/", 1)
     query = ""

@@ -36,13 +36,6 @@ def crash_at(point, nth=1):
     return fault
 
 
-@pytest.fixture
-def shm(tmp_path):
-    path = tmp_path / "shm"
-    path.mkdir()
-    return str(path)
-
-
 def writer(shm, slots=16384, now=NOW):
     return SegmentWriter(shm, slots, 256 << 20, clock=lambda: now)
 

@@ -33,13 +33,6 @@ def count(shm, clicks):
     return w
 
 
-@pytest.fixture
-def shm(tmp_path):
-    path = tmp_path / "shm"
-    path.mkdir()
-    return str(path)
-
-
 def test_a_flush_stores_the_deltas_and_a_second_adds_only_new_clicks(shm, database_url):
     w = count(shm, {1: 3, 2: 1})
     f = Flusher(shm, database_url)

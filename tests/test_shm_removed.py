@@ -26,13 +26,6 @@ class Clock:
         return self.now
 
 
-@pytest.fixture
-def shm(tmp_path):
-    path = tmp_path / "shm"
-    path.mkdir()
-    return str(path)
-
-
 def test_a_writer_puts_its_removed_segment_back_for_the_next_flusher(shm, database_url):
     clock = Clock()
     w = segment.SegmentWriter(shm, 64, 1 << 20, clock=clock)

@@ -187,9 +187,9 @@ def status():
     Example:
       counter db status
     """
-    for version, name, applied_at in _query(storage.migration_status):
+    for number, name, applied_at in _query(storage.migration_status):
         state = f"applied {applied_at:%Y-%m-%d %H:%M:%S}" if applied_at else "pending"
-        click.echo(f"{version:04d}_{name}  {state}")
+        click.echo(f"{number:04d}_{name}  {state}")
 
 
 @db.command("url")

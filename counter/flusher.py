@@ -235,12 +235,9 @@ class Flusher:
             if seg.settled and seg.unflushed() == 0:
                 self.retired_ids.append(seg.id)
                 self._registered.discard(seg.id)
+                seg.unlink_if_mine()  # after a removal the path may name another file
                 seg.close()
                 del self.segments[path]
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
                 removed += 1
         return removed
 
@@ -258,7 +255,11 @@ class Flusher:
                     except (ValueError, OSError) as exc:
                         log.error("unreadable segment path=%s error=%s", path, exc)
                         continue
-                    seg.hold()
+                    if not seg.hold() or seg.moved:
+                        # a writer is deciding about it, or republished it
+                        # between our open and our hold: not ours (this round)
+                        seg.close()
+                        continue
                     self.segments[path] = seg
         now = time.time()
         for name in os.listdir(self.shm_dir):
@@ -279,11 +280,16 @@ class Flusher:
         for path, seg in list(self.segments.items()):
             if not seg.unlinked():
                 continue
-            if not seg.words[segment.MOVED]:
+            if not seg.moved:
                 if not seg.owner_gone():
                     continue
-                shm_directory.note_removal(self.shm_dir, f"flusher {os.getpid()}")
-                seg.put_back(self.shm_dir)
+                try:
+                    shm_directory.note_removal(self.shm_dir, f"flusher {os.getpid()}")
+                    seg.put_back(self.shm_dir)
+                except OSError as exc:  # e.g. a full tmpfs: drain it here meanwhile
+                    log.error("cannot put segment %s back in %s (%s); draining it from "
+                              "memory, trying again next round", seg.id, self.shm_dir, exc)
+                    continue
                 log.warning("segment %s put back in %s", seg.id, self.shm_dir)
             seg.close()
             del self.segments[path]
@@ -295,6 +301,8 @@ class Flusher:
         """Workers' refusal (503) counts. A gone worker's file is folded into
         `totals` and removed; the counts of live workers are returned."""
         live = {name: 0 for name in worker_stats.FIELDS}
+        if not os.path.isdir(self.shm_dir):
+            return live  # removed under us: the next round makes it again
         for path in segment.list_segments(self.shm_dir, worker_stats.STATS.suffix):
             try:
                 stats = worker_stats.WorkerStatsFile(path)
@@ -429,12 +437,18 @@ class Flusher:
 
     def _lock(self, stop):
         """Take the directory's flusher lock, waiting while another flusher has it."""
+        os.makedirs(self.shm_dir, mode=0o700, exist_ok=True)
         fd = os.open(os.path.join(self.shm_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
         waiting_logged = False
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
+                if self._lock_is_current(fd):
+                    return fd
+                # the directory was removed while we waited: wait on the new lock file
+                os.close(fd)
+                os.makedirs(self.shm_dir, mode=0o700, exist_ok=True)
+                fd = os.open(os.path.join(self.shm_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
             except BlockingIOError:
                 if not waiting_logged:
                     log.warning("another flusher works %s; waiting for it", self.shm_dir)
@@ -525,9 +539,12 @@ class StatusFile:
 
     def _write(self):
         temporary = self.path + f".{os.getpid()}"
-        with open(temporary, "w") as f:
-            json.dump(self.state, f)
-        os.replace(temporary, self.path)
+        try:
+            with open(temporary, "w") as f:
+                json.dump(self.state, f)
+            os.replace(temporary, self.path)
+        except FileNotFoundError:
+            pass  # SHM_DIR was removed: the flusher makes it again next round
 
     @staticmethod
     def flusher_alive(status) -> bool:

@@ -35,8 +35,9 @@ are written for people reading a file; nothing decides on them.)
 Unlinked is not gone (invariant 11): a tmp cleaner or systemd-logind's
 RemoveIPC may delete the directory while the service runs. The mappings
 still hold the counts, so whoever holds a mapping puts the file back: the
-flusher holds a POSIX record lock (FLUSHER_HOLDS) on every file it has
-mapped; a writer finds its unlinked files at its once-a-second housekeeping
+flusher holds a record lock (FLUSHER_HOLDS, an open-file-description lock:
+no other descriptor's close drops it, and threads contend for it as
+processes do) on every file it has mapped; a writer finds its unlinked files at its once-a-second housekeeping
 and, once no flusher holds one, republishes it whole -- flusher fields and
 all, under the same name -- in the recreated directory (``republish``). The
 flusher republishes the unlinked files whose owner is gone. Both sides'
@@ -57,12 +58,14 @@ so a reader sees either the old or the new value, never a torn one.
 
 import array
 import collections
+import contextlib
 import fcntl
 import logging
 import mmap
 import os
 import re
 import secrets
+import struct
 import time
 
 from counter.shm_directory import note_removal, process_start_time  # noqa: F401 (re-exported)
@@ -74,6 +77,19 @@ HOUSEKEEPING_INTERVAL = 1.0  # seconds between a writer's checks, made off the p
 # A byte range (past any file's end) that a flusher read-locks on each file it
 # maps: a writer republishes an unlinked file only when nobody holds it.
 FLUSHER_HOLDS = (1 << 40, 1)
+
+
+def _hold(fd, kind, wait=False) -> bool:
+    """An open-file-description record lock on FLUSHER_HOLDS: kind is
+    fcntl.F_RDLCK (a flusher), F_WRLCK (a writer deciding) or F_UNLCK.
+    False when another holder is in the way and `wait` is off."""
+    start, length = FLUSHER_HOLDS
+    lock = struct.pack("hhxxxxqqixxxx", kind, os.SEEK_SET, start, length, 0)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLKW if wait else fcntl.F_OFD_SETLK, lock)
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
 
 # A kind of segment file: its magic number, file suffix and record size.
 Kind = collections.namedtuple("Kind", "magic suffix record_words")
@@ -131,15 +147,6 @@ class Owned:
     def unlinked(self) -> bool:
         return os.fstat(self._fd).st_nlink == 0
 
-    def held_by_flusher(self) -> bool:
-        """True while a flusher has this file mapped (holds FLUSHER_HOLDS)."""
-        start, length = FLUSHER_HOLDS
-        try:
-            fcntl.lockf(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
-        except OSError:
-            return True
-        fcntl.lockf(self._fd, fcntl.LOCK_UN, length, start)
-        return False
 
 
 def create(directory, minute: int, slots: int, kind: Kind = CLICKS) -> Owned:
@@ -188,8 +195,14 @@ def _publish(directory, name, size, fill) -> Owned:
         os.unlink(temporary)
         raise
     owned = Owned(final, fd, mapping)
-    fill(owned.words)
-    os.rename(temporary, final)
+    try:
+        fill(owned.words)
+        os.rename(temporary, final)
+    except BaseException:
+        owned.release()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
     return owned
 
 
@@ -219,12 +232,16 @@ class Writer:
         """A new segment of `kind` owned by this process, or None when the
         memory bound (SHM_MAX_BYTES over all segment files) or the tmpfs
         leaves no room for it."""
-        try:
-            if segment_bytes(self.directory) + file_size(self.slots, kind.record_words) > self.max_bytes:
+        for _ in range(2):
+            try:
+                if segment_bytes(self.directory) + file_size(self.slots, kind.record_words) > self.max_bytes:
+                    return None
+                return create(self.directory, minute, self.slots, kind)
+            except FileNotFoundError:  # the directory was removed: make it, try once more
+                note_removal(self.directory, f"worker {os.getpid()}")
+            except OSError:
                 return None
-            return create(self.directory, minute, self.slots, kind)
-        except OSError:
-            return None
+        return None
 
     def _switch_to(self, segment: "Owned"):
         """Seal the current segment (if any) and make `segment` current."""
@@ -262,17 +279,15 @@ class Writer:
         """A sealed segment once more: released when drained, republished
         when its file was removed and no flusher has it mapped. Returns what
         is to be kept (the segment, its copy) or None."""
-        start, length = FLUSHER_HOLDS
-        try:  # held while deciding: no flusher may take the file up meanwhile
-            fcntl.lockf(owned._fd, fcntl.LOCK_EX | fcntl.LOCK_NB, length, start)
-        except OSError:
+        # held while deciding: no flusher may take the file up meanwhile
+        if not _hold(owned._fd, fcntl.F_WRLCK):
             return owned  # a flusher has it mapped: it drains it
         w = owned.words
         if w[PENDING_SEQ] == w[FLUSHED_SEQ] and self._unflushed(w) == 0:
             owned.release()
             return None
         if not owned.unlinked():
-            fcntl.lockf(owned._fd, fcntl.LOCK_UN, length, start)
+            _hold(owned._fd, fcntl.F_UNLCK)
             return owned  # the flusher has not taken it up yet
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
@@ -280,7 +295,7 @@ class Writer:
         except OSError as exc:
             log.error("cannot put segment %s back in %s (%s); trying again",
                       os.path.basename(owned.path), self.directory, exc)
-            fcntl.lockf(owned._fd, fcntl.LOCK_UN, length, start)
+            _hold(owned._fd, fcntl.F_UNLCK)
             return owned
         w[MOVED] = 1  # a flusher that opened the old file meanwhile leaves it
         owned.release()
@@ -449,12 +464,26 @@ class MappedSegment:
         self._owner_gone = True
         return True
 
-    def hold(self):
+    def hold(self) -> bool:
         """Tell writers this flusher has the file mapped (see FLUSHER_HOLDS).
-        Waits while a writer decides whether to republish it: check
-        ``unlinked`` afterwards."""
-        start, length = FLUSHER_HOLDS
-        fcntl.lockf(self._fd, fcntl.LOCK_SH, length, start)
+        False while a writer is deciding whether to republish it (try again
+        next round). Check ``moved`` afterwards."""
+        return _hold(self._fd, fcntl.F_RDLCK)
+
+    @property
+    def moved(self) -> bool:
+        """Republished elsewhere (by its writer, before this flusher held it):
+        the copy is the live file, this one must be left."""
+        return bool(self.words[MOVED])
+
+    def unlink_if_mine(self):
+        """Remove the file at `path` only if it is this very file (after a
+        removal, the path may name a copy)."""
+        try:
+            if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                os.unlink(self.path)
+        except FileNotFoundError:
+            pass
 
     def unlinked(self) -> bool:
         return os.fstat(self._fd).st_nlink == 0

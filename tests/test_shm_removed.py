@@ -140,3 +140,49 @@ def test_an_idle_worker_puts_back_what_a_removed_shm_dir_held(database_url, serv
     # no click comes: the new flusher gets only what the idle worker puts back
     assert wait_until(lambda: clicks_by_banner(database_url) == {1: 7}, timeout=15), \
         clicks_by_banner(database_url)
+
+
+def test_a_flusher_that_opened_a_file_just_before_its_writer_moved_it_leaves_it(shm, database_url):
+    """The window between a flusher's open and its hold: the writer may put the
+    file back meanwhile; the flusher must then leave the old one (the copy is
+    the live file), or both would be flushed."""
+    clock = Clock()
+    w = segment.SegmentWriter(shm, 64, 1 << 20, clock=clock)
+    for _ in range(4):
+        assert w.add(3)
+    (path,) = segment.list_segments(shm)
+    opened = segment.SegmentFile(path)  # a flusher's open, before its hold
+    shutil.rmtree(shm)
+    clock.now += segment.HOUSEKEEPING_INTERVAL
+    w.tick()  # the writer seals the unlinked file and, nobody holding it, puts it back
+    assert segment.list_segments(shm) == [path]
+    assert opened.hold() and opened.moved  # the flusher's check after its hold
+    opened.close()
+    f = Flusher(shm, database_url)
+    f.flush_once()
+    w.close()
+    f.flush_once()
+    f.close()
+    assert clicks_by_banner(database_url) == {3: 4}
+
+
+def test_a_writer_does_not_move_a_file_a_flusher_holds_even_from_another_thread(shm):
+    """The flusher's hold is an open-file-description lock: it keeps writers
+    out whatever else the holding process (or thread) opens and closes."""
+    clock = Clock()
+    w = segment.SegmentWriter(shm, 64, 1 << 20, clock=clock)
+    assert w.add(5)
+    (path,) = segment.list_segments(shm)
+    held = segment.SegmentFile(path)
+    assert held.hold()
+    segment.SegmentFile(path).close()  # another descriptor of the file, closed (/health's scan)
+    shutil.rmtree(shm)
+    clock.now += segment.HOUSEKEEPING_INTERVAL
+    w.tick()
+    assert segment.list_segments(shm) == []  # not put back: the flusher drains it
+    assert not held.moved
+    held.close()
+    clock.now += segment.HOUSEKEEPING_INTERVAL
+    w.tick()  # the flusher let go (as if killed): now the writer puts it back
+    assert segment.list_segments(shm) == [path]
+    w.close()

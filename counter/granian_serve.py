@@ -42,7 +42,8 @@ def _die_with_parent():
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def granian_command(settings, log_config):
+def granian_command(settings, log_config=None):
+    """granian's command line; `log_config`: a file from logs.write_config."""
     host, port = settings.bind.rsplit(":", 1)
     return [sys.executable, "-m", "granian", "--interface", "wsgi",
             "--host", host.strip("[]"), "--port", port,
@@ -56,7 +57,7 @@ def granian_command(settings, log_config):
             "--backlog", "4096", "--backpressure", "16384", "--http1-buffer-size", "16384",
             "--no-access-log",
             "--log-level", "warning" if settings.log_level in ("warning", "error") else "info",
-            "--log-config", log_config,  # our one format (counter.logs)
+            *(["--log-config", log_config] if log_config else []),  # our one format
             "counter.wsgi:application"]
 
 

@@ -8,6 +8,7 @@ master exits, taking the service down. Here gunicorn's Logger is left alone
 and meinheld gets an adapter that speaks its logging interface instead.
 """
 
+import os
 import resource
 
 from gunicorn.workers.base import Worker
@@ -76,6 +77,11 @@ if _MeinheldWorker is not None:
             every = max(1, int(segment.HOUSEKEEPING_INTERVAL))  # meinheld's timers take whole seconds
             if housekeeping is not None:
                 def tick():
+                    # A pending timer keeps meinheld's loop alive: none is set
+                    # once the worker is on its way out (its master gone, or
+                    # told to stop), or the worker would never exit.
+                    if self._stopping or os.getppid() != self.ppid:
+                        return
                     try:
                         housekeeping()
                     finally:
@@ -83,3 +89,13 @@ if _MeinheldWorker is not None:
 
                 meinheld_server.schedule_call(every, tick)
             super().run()
+
+        _stopping = False
+
+        def handle_quit(self, sig, frame):
+            self._stopping = True
+            super().handle_quit(sig, frame)
+
+        def handle_exit(self, sig, frame):
+            self._stopping = True
+            super().handle_exit(sig, frame)

@@ -278,6 +278,7 @@ class Suite:
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
+                cur.execute("SET statement_timeout = 0")  # this session may have the tiny one
                 if value is None:
                     cur.execute("ALTER SYSTEM RESET statement_timeout")
                 else:

@@ -79,11 +79,13 @@ class Service:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.kill_all()  # whatever it forked before it exited
                 raise RuntimeError(f"service exited at start:\n{self.log()}")
             if self.ready():
                 self._remember_children()
                 return self
             time.sleep(0.1)
+        self.kill_all()  # a tree that never became ready must not be left running
         raise RuntimeError(f"service did not become ready:\n{self.log()}")
 
     def ready(self):

@@ -74,9 +74,11 @@ def test_a_tmpfs_too_small_for_the_workers_is_refused_in_one_line(database_url, 
     with open(filler, "wb") as f:
         f.write(b"\0" * ((8 << 20) - (512 << 10)))
     service = _start(database_url, os.path.join(small_tmpfs, "shm"), tmp_path)
-    with pytest.raises(RuntimeError) as refused:
-        service.start()
-    service.kill_all()
+    try:
+        with pytest.raises(RuntimeError) as refused:
+            service.start()
+    finally:
+        service.kill_all()
     lines = [line for line in str(refused.value).splitlines() if "cannot start" in line]
     assert len(lines) == 1, str(refused.value)
     assert "SHM_MAX_BYTES=268435456" in lines[0] and "bytes of room" in lines[0]

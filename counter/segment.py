@@ -408,15 +408,24 @@ class SegmentWriter(Writer):
         self._minute_start = self._minute_end = self._check_at = 0.0
 
     def _unflushed(self, words) -> int:
-        used = words[USED]
-        return (sum(words[_column(COUNT, used)].tolist())
-                - sum(words[_column(FLUSHED, used)].tolist()))
+        return unflushed_clicks(words)
 
 
-def _column(field: int, records: int) -> slice:
-    """The words of a click segment's `field` in records [0, records)."""
-    start = HEADER_WORDS + field
-    return slice(start, start + RECORD_WORDS * records, RECORD_WORDS)
+def _column(field: int, start: int, stop: int) -> slice:
+    """The words of a click segment's `field` in records [start, stop): a
+    strided slice of the word view (see SegmentFile)."""
+    first = HEADER_WORDS + field
+    return slice(first + RECORD_WORDS * start, first + RECORD_WORDS * stop, RECORD_WORDS)
+
+
+def _total(words, field: int, start: int, stop: int) -> int:
+    return sum(words[_column(field, start, stop)].tolist())
+
+
+def unflushed_clicks(words) -> int:
+    """Clicks counted in a click segment's words and not yet flushed."""
+    used = words[USED]
+    return _total(words, COUNT, 0, used) - _total(words, FLUSHED, 0, used)
 
 
 class MappedSegment:
@@ -512,11 +521,6 @@ class SegmentFile(MappedSegment):
     loop over 100,000 records.
     """
 
-    def _column(self, field: int, start: int, stop: int) -> slice:
-        """The words of `field` in records [start, stop)."""
-        first = HEADER_WORDS + field
-        return slice(first + RECORD_WORDS * start, first + RECORD_WORDS * stop, RECORD_WORDS)
-
     def stage(self, start=0, end=None, limit=None):
         """Record the current counts of records [start, stop) as pending;
         return the deltas {banner_id: count - flushed} of those with new clicks.
@@ -531,9 +535,9 @@ class SegmentFile(MappedSegment):
         w = self.words
         stop = w[USED] if end is None else end
         # One read of each count: the same snapshot becomes pending and gives the delta.
-        counts = w[self._column(COUNT, start, stop)].tolist()
-        flushed = w[self._column(FLUSHED, start, stop)].tolist()
-        banners = w[self._column(BANNER, start, stop)].tolist()
+        counts = w[_column(COUNT, start, stop)].tolist()
+        flushed = w[_column(FLUSHED, start, stop)].tolist()
+        banners = w[_column(BANNER, start, stop)].tolist()
         deltas = {banner: count - done
                   for banner, count, done in zip(banners, counts, flushed) if count != done}
         if limit is not None and len(deltas) > limit:  # a backlog: cut the range short
@@ -543,15 +547,12 @@ class SegmentFile(MappedSegment):
             del counts[kept:], flushed[kept:], banners[kept:]
             deltas = {banner: count - done
                       for banner, count, done in zip(banners, counts, flushed) if count != done}
-        w[self._column(PENDING, start, stop)] = array.array("q", counts)
+        w[_column(PENDING, start, stop)] = array.array("q", counts)
         if deltas:
             w[PENDING_START] = start
             w[PENDING_USED] = stop
             w[PENDING_SEQ] = w[FLUSHED_SEQ] + 1
         return deltas
-
-    def _total(self, field: int, start: int, stop: int) -> int:
-        return sum(self.words[self._column(field, start, stop)].tolist())
 
     def _pending_range(self):
         return self.words[PENDING_START], self.words[PENDING_USED]
@@ -559,19 +560,18 @@ class SegmentFile(MappedSegment):
     def pending_total(self) -> int:
         """Clicks staged as pending and not yet flushed."""
         start, stop = self._pending_range()
-        return self._total(PENDING, start, stop) - self._total(FLUSHED, start, stop)
+        return _total(self.words, PENDING, start, stop) - _total(self.words, FLUSHED, start, stop)
 
     def commit_pending(self):
         """The pending values are in the database: make them the flushed ones."""
         w = self.words
         start, stop = self._pending_range()
-        w[self._column(FLUSHED, start, stop)] = w[self._column(PENDING, start, stop)]
+        w[_column(FLUSHED, start, stop)] = w[_column(PENDING, start, stop)]
         w[FLUSHED_SEQ] = w[PENDING_SEQ]
 
     def unflushed(self) -> int:
         """Clicks counted here and not yet flushed (for health and the final drain)."""
-        used = self.words[USED]
-        return self._total(COUNT, 0, used) - self._total(FLUSHED, 0, used)
+        return unflushed_clicks(self.words)
 
 
 _NAME = re.compile(r"^(\d+)-\d+-[0-9a-f]{16}\.\w+$")

@@ -6,7 +6,7 @@ setup(
     description="Counts ad banner clicks at high rates; per-minute statistics in PostgreSQL.",
     python_requires=">=3.10",
     packages=find_packages(include=["counter", "counter.*", "cli", "cli.*"]),
-    package_data={"counter": ["migrations/*.sql"]},
+    package_data={"counter.storage": ["migrations/*.sql"]},
     install_requires=[
         "falcon>=4,<5",
         "gunicorn>=23",

@@ -15,8 +15,10 @@ import uuid
 import click
 
 from cli import output
-from counter import campaigns as campaign_rules  # `campaigns` is the command group
-from counter import config, embedded, stats_request, storage, times, version
+from counter import config, times, version
+from counter.storage import connection, embedded, queries, retention, schema
+from counter.web import campaigns as campaign_rules  # `campaigns` is the command group
+from counter.web import stats_request
 
 
 def _settings(**overrides):
@@ -57,13 +59,13 @@ def _database(failure="database error", create=False):
     one line (password masked)."""
     url = _database_url(_settings(), create)
     try:
-        conn = storage.connect(url)
-    except storage.DatabaseError as exc:
-        raise click.ClickException(f"cannot reach the database: {storage.describe_error(exc, url)}")
+        conn = connection.connect(url)
+    except connection.DatabaseError as exc:
+        raise click.ClickException(f"cannot reach the database: {connection.describe_error(exc, url)}")
     try:
         yield conn
-    except storage.DatabaseError as exc:
-        raise click.ClickException(f"{failure}: {storage.describe_error(exc, url)}")
+    except connection.DatabaseError as exc:
+        raise click.ClickException(f"{failure}: {connection.describe_error(exc, url)}")
     finally:
         conn.close()
 
@@ -110,18 +112,18 @@ def serve(bind, workers, server):
       DATABASE_URL=postgresql://user:pw@db/clicks counter serve --bind 0.0.0.0:8000
       counter serve --server granian --workers 2
     """
-    from counter import service
+    from counter.serving import lifecycle
 
     settings = _serve_settings({"--bind": ("BIND", bind), "--workers": ("WORKERS", workers),
                                 "--server": ("SERVER", server)})
-    service.setup_logging(settings, "serve")
-    if service.choose_server(settings) == "granian":
-        from counter import granian_serve
+    lifecycle.setup_logging(settings, "serve")
+    if lifecycle.choose_server(settings) == "granian":
+        from counter.serving import granian_serve
 
         # checked again for granian (a segment per thread), and told to its workers
         settings = _settings(SERVER="granian")
         sys.exit(granian_serve.run(settings))
-    argv = [sys.executable, "-m", "gunicorn", "-c", "python:counter.gunicorn_config"]
+    argv = [sys.executable, "-m", "gunicorn", "-c", "python:counter.serving.gunicorn_hooks"]
     os.execv(sys.executable, argv)
 
 
@@ -152,10 +154,11 @@ def flusher(parent_pid, drain):
       SHM_DIR=/dev/shm/click-counter-8000 counter flusher
       SHM_DIR=/dev/shm/click-counter-8000 DATABASE_URL=postgresql://db/clicks counter flusher --drain
     """
-    from counter import flusher as flusher_module, service
+    from counter.flush import flusher as flusher_module
+    from counter.serving import lifecycle
 
     settings = _settings()
-    service.setup_logging(settings, "flusher")
+    lifecycle.setup_logging(settings, "flusher")
     if settings.database_url is None:
         raise click.UsageError("DATABASE_URL is not set (`counter serve` sets it for the flusher it starts)")
     sys.exit(flusher_module.main(settings, parent_pid=parent_pid, drain=drain))
@@ -175,7 +178,7 @@ def migrate():
       DATABASE_URL=postgresql://localhost/clicks counter db migrate
     """
     with _database("migration failed", create=True) as conn:
-        applied = storage.migrate(conn)
+        applied = schema.migrate(conn)
     click.echo("applied: " + ", ".join(applied) if applied else "schema is up to date")
 
 
@@ -187,7 +190,7 @@ def status():
     Example:
       counter db status
     """
-    for number, name, applied_at in _query(storage.migration_status):
+    for number, name, applied_at in _query(schema.migration_status):
         state = f"applied {applied_at:%Y-%m-%d %H:%M:%S}" if applied_at else "pending"
         click.echo(f"{number:04d}_{name}  {state}")
 
@@ -204,7 +207,7 @@ def db_url():
     """
     settings = _settings()
     if settings.database_url is not None:
-        click.echo(storage.redact(settings.database_url))
+        click.echo(connection.redact(settings.database_url))
         return
     server = embedded.EmbeddedPostgres(settings.data_dir)
     server.port = server.running_port()
@@ -229,12 +232,12 @@ def prune(before, yes):
     """
     cutoff = _time(before, datetime.timezone.utc, datetime.datetime.now(datetime.timezone.utc), "--before")
     dedup_ttl = _settings().dedup_ttl
-    counts = _query(storage.prune, cutoff, dedup_ttl, True)
+    counts = _query(retention.prune, cutoff, dedup_ttl, True)
     click.echo(f"rows before {times.show(cutoff, datetime.timezone.utc)}: "
                + ", ".join(f"{table} {n}" for table, n in counts.items()))
     if not yes and not click.confirm("delete them?", default=False):
         raise click.ClickException("nothing deleted")
-    counts = _query(storage.prune, cutoff, dedup_ttl)
+    counts = _query(retention.prune, cutoff, dedup_ttl)
     click.echo("deleted: " + ", ".join(f"{table} {n}" for table, n in counts.items()))
 
 
@@ -269,7 +272,7 @@ _from = click.option("--from", "start", required=True, help="Start of the range.
 _to = click.option("--to", "end", default="now", show_default=True, help="End of the range. " + _TIME_HELP)
 _tz = click.option("--tz", default="UTC", show_default=True,
                    help="Time zone for output and for times typed without an offset.")
-_granularity = click.option("--granularity", "-g", type=click.Choice(list(storage.GRANULARITIES)),
+_granularity = click.option("--granularity", "-g", type=click.Choice(list(queries.GRANULARITIES)),
                             default="minute", show_default=True, help="Bucket size.")
 
 
@@ -297,7 +300,7 @@ def stats(banner, start, end, granularity, fmt, tz):
                                                    "granularity": granularity})
     except stats_request.BadRequest as exc:
         raise click.UsageError(str(exc))
-    buckets = _query(storage.click_stats, banner, query.start, query.end, granularity)
+    buckets = _query(queries.click_stats, banner, query.start, query.end, granularity)
     if fmt == "json":
         click.echo(json.dumps(query.answer(buckets), indent=2))
         return
@@ -344,8 +347,8 @@ def export(start, end, banners, granularity, fmt, path, tz):
     first, last, zone = _range(start, end, tz)
     with _database() as conn:
         show_bar = path not in (None, "-") and sys.stderr.isatty()
-        total = storage.export_size(conn, first, last, granularity, banners) if show_bar else 0
-        rows = storage.export_rows(conn, first, last, granularity, banners)
+        total = queries.export_size(conn, first, last, granularity, banners) if show_bar else 0
+        rows = queries.export_rows(conn, first, last, granularity, banners)
         try:
             with output.destination(path) as out:
                 if show_bar:
@@ -377,7 +380,7 @@ def top(start, end, limit, fmt, tz):
       counter top --from -1h --limit 50 --format csv
     """
     first, last, _ = _range(start, end, tz)
-    click.echo(output.show(["banner_id", "clicks"], _query(storage.top_banners, first, last, limit), fmt))
+    click.echo(output.show(["banner_id", "clicks"], _query(queries.top_banners, first, last, limit), fmt))
 
 
 # -- campaigns ----------------------------------------------------------------------
@@ -407,7 +410,7 @@ def campaigns_create(name, start, tz):
             {"name": name, "start_time": start_time.isoformat()}, now)
     except stats_request.BadRequest as exc:
         raise click.UsageError(str(exc))
-    row = _query(storage.create_campaign, uuid.uuid4(), name, start_time)
+    row = _query(queries.create_campaign, uuid.uuid4(), name, start_time)
     click.echo(row[0])
 
 
@@ -423,7 +426,7 @@ def campaigns_list(fmt, tz):
       counter campaigns list --format json
     """
     zone = _zone(tz)
-    rows = [(c, n, times.show(s, zone)) for c, n, s in _query(storage.list_campaigns)]
+    rows = [(c, n, times.show(s, zone)) for c, n, s in _query(queries.list_campaigns)]
     click.echo(output.show(["id", "name", "start_time"], rows, fmt))
 
 
@@ -442,9 +445,9 @@ def campaigns_stats(campaign_id, fmt):
         key = uuid.UUID(campaign_id)
     except ValueError:
         raise click.BadParameter(f"{campaign_id!r} is not a UUID", param_hint="CAMPAIGN_ID")
-    if _query(storage.get_campaign, key) is None:
+    if _query(queries.get_campaign, key) is None:
         raise click.ClickException(f"no campaign {campaign_id}")
-    counts = _query(storage.campaign_stats, key)
+    counts = _query(queries.campaign_stats, key)
     if fmt == "json":
         click.echo(json.dumps(campaign_rules.describe_stats(key, counts), indent=2))
     else:

@@ -10,7 +10,7 @@ import pathlib
 import re
 from typing import Mapping, Optional
 
-from counter import impressions, segment
+from counter.shm import impressions, segment
 
 
 class ConfigError(ValueError):

@@ -1,13 +1,15 @@
 """The WSGI entry point, loaded in each worker after the fork (never preloaded:
 segments and database connections belong to the worker process)."""
 
-from counter import (app, click_route, config, database, impressions, logs, segment,
-                     thread_writers, worker_stats)
+from counter import config, logs
+from counter.shm import impressions, segment, thread_writers, worker_counters
+from counter.storage import db_pool
+from counter.web import app, click_route
 
 logs.set_role("worker")
 settings = config.load()
 views = impressions.ImpressionLog(settings.shm_dir, settings.impression_slots, settings.shm_max_bytes)
-stats = worker_stats.WorkerStats(settings.shm_dir)
+stats = worker_counters.WorkerStats(settings.shm_dir)
 if settings.server == "granian":
     # DB_WAITERS_PER_WORKER + 1 threads serve this worker: a click writer per thread
     clicks = thread_writers.ThreadWriters(settings.shm_dir, settings.segment_slots,
@@ -15,7 +17,7 @@ if settings.server == "granian":
     views, stats = thread_writers.OneAtATime(views), thread_writers.OneAtATime(stats)
 else:  # gunicorn: one thread per worker (meinheld, or the sync fallback)
     clicks = segment.SegmentWriter(settings.shm_dir, settings.segment_slots, settings.shm_max_bytes)
-db = database.Database(settings.database_url, settings.db_waiters)
+db = db_pool.Database(settings.database_url, settings.db_waiters)
 api = app.create_app(settings, clicks, db, views, stats)
 # valid clicks are answered in front of Falcon; Falcon answers everything else
 application = click_route.click_route(clicks, api)

@@ -26,8 +26,9 @@ import statistics
 import sys
 import tempfile
 
-from counter import embedded
-from loadtest import bench, harness
+from counter.storage import embedded
+from counter.testing import harness
+from loadtest import bench
 
 DEFAULT_VARIANTS = "empty,click_answer,route_counting_nothing,route"
 TICKS_PER_SECOND = os.sysconf("SC_CLK_TCK")
@@ -53,7 +54,7 @@ def start(variant, database_url, shm_dir):
     port = embedded.free_port()
     env = dict(os.environ, DATABASE_URL=database_url, BIND=f"127.0.0.1:{port}", WORKERS="1",
                SHM_DIR=shm_dir, LOG_LEVEL="warning", ABLATION_VARIANT=variant)
-    command = [sys.executable, "-m", "gunicorn", "-c", "python:counter.gunicorn_config",
+    command = [sys.executable, "-m", "gunicorn", "-c", "python:counter.serving.gunicorn_hooks",
                "loadtest.ablation_apps:application"]
     url = f"http://127.0.0.1:{port}/counter/1"
     return bench.serve(command, env, url), url

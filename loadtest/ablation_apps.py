@@ -8,7 +8,7 @@ import os
 import tempfile
 import time
 
-from counter import click_route
+from counter.web import click_route
 from loadtest.empty_app import application as empty
 
 WORDS = 4096  # 32 KiB of 8-byte words, about what 1,000 banners' records fill

@@ -40,9 +40,9 @@ import urllib.request
 
 import psycopg2
 
-from counter import embedded, storage
-from counter.flusher import Flusher
-from counter.segment import SegmentWriter
+from counter.flush.flusher import Flusher
+from counter.shm.segment import SegmentWriter
+from counter.storage import connection, embedded, schema
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SPREAD = str(pathlib.Path(__file__).with_name("spread.lua"))
@@ -129,11 +129,12 @@ def serve(command, env, url):
 def ceiling_command(stack, workers):
     """The empty WSGI callable, served the way the service is on that stack."""
     if stack == "granian":
-        from counter import config, granian_serve
+        from counter import config
+        from counter.serving import granian_serve
 
         command = granian_serve.granian_command(config.load(dict(os.environ, WORKERS=str(workers))))
         return command[:-1] + ["loadtest.empty_app:application"]
-    return [sys.executable, "-m", "gunicorn", "-c", "python:counter.gunicorn_config",
+    return [sys.executable, "-m", "gunicorn", "-c", "python:counter.serving.gunicorn_hooks",
             "loadtest.empty_app:application"]
 
 
@@ -327,8 +328,8 @@ def migrated_database():
         server = embedded.EmbeddedPostgres(data)
         url = server.start()
     try:
-        conn = storage.connect(url)
-        storage.migrate(conn)
+        conn = connection.connect(url)
+        schema.migrate(conn)
         conn.close()
         yield url
     finally:

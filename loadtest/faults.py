@@ -27,9 +27,9 @@ import tempfile
 import threading
 import time
 
-from counter import embedded, storage
-from loadtest import audit, clicker, hostile
-from loadtest.harness import ROOT, Service, alive
+from counter.storage import connection, embedded, schema
+from counter.testing import audit, clicker, hostile
+from counter.testing.harness import Service, alive
 
 MODES = {
     # seconds of load per scenario, seconds PostgreSQL stays down, seconds the
@@ -47,10 +47,10 @@ class Load:
         self.out = os.path.join(workdir, f"tally-{first_banner}.json")
         self.banners = set(range(first_banner, first_banner + banners))
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "loadtest.clicker", url, "--total", "100000000",
+            [sys.executable, "-m", "counter.testing.clicker", url, "--total", "100000000",
              "--seconds", str(seconds), "--banners", str(banners), "--connections", str(connections),
              "--first-banner", str(first_banner), "--out", self.out],
-            cwd=str(ROOT), stdout=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL)
 
     def finish(self, timeout=600):
         self.proc.wait(timeout=timeout)
@@ -64,8 +64,8 @@ class Suite:
         self.workdir = workdir
         self.pg = embedded.EmbeddedPostgres(os.path.join(workdir, "pg"))
         self.url = self.pg.start()
-        conn = storage.connect(self.url)
-        storage.migrate(conn)
+        conn = connection.connect(self.url)
+        schema.migrate(conn)
         conn.close()
         self.services = []
         self.shm_dirs = []  # made here; removed when the suite ends
@@ -274,7 +274,7 @@ class Suite:
 
     def _set_statement_timeout(self, value):
         """For every session without its own setting (the flusher's), at once."""
-        conn = storage.connect(self.url)
+        conn = connection.connect(self.url)
         conn.autocommit = True
         try:
             with conn.cursor() as cur:
@@ -293,7 +293,7 @@ class Suite:
         and counted; stats beyond what may wait get a 503 with Retry-After."""
         service = self.service()
         load = self.load(service, seconds=self.mode["locked"] + self.mode["seconds"] / 2)
-        locker = storage.connect(self.url)
+        locker = connection.connect(self.url)
         stop = threading.Event()
         stats, probe = [], []
         path = "/stats/1?from=-1h"

@@ -37,7 +37,8 @@ import sys
 import tempfile
 import time
 
-from counter import embedded, segment
+from counter.shm import segment
+from counter.storage import embedded
 
 APPS = {"empty_wsgi": "loadtest.empty_app:application", "click_route": "counter.wsgi:application"}
 BANNERS = 1000

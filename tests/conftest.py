@@ -19,8 +19,12 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for `loadtest`
 
-from counter import embedded, storage  # noqa: E402
-from loadtest.harness import Service  # noqa: E402
+from counter.storage import (
+    connection,
+    embedded,
+    schema,  # noqa: E402
+)
+from counter.testing.harness import Service  # noqa: E402
 
 
 def pytest_configure(config):
@@ -72,8 +76,8 @@ def make_database(postgres_url):
             cur.execute(f"CREATE DATABASE {name}")
         names.append(name)
         url = _with_database(postgres_url, name)
-        conn = storage.connect(url)
-        storage.migrate(conn)
+        conn = connection.connect(url)
+        schema.migrate(conn)
         conn.close()
         return url
 

@@ -7,14 +7,16 @@ import os
 
 import falcon.testing
 import pytest
-
 from conftest import query
-from counter import app as app_module
-from counter import click_route as click_route_module
-from counter import config, database, segment
-from counter.app import create_app
-from counter.click_route import click_route
-from counter.flusher import Flusher
+
+from counter import config
+from counter.flush.flusher import Flusher
+from counter.shm import segment
+from counter.storage import db_pool
+from counter.web import app as app_module
+from counter.web import click_route as click_route_module
+from counter.web.app import create_app
+from counter.web.click_route import click_route
 
 MAX = 2**63 - 1
 
@@ -27,7 +29,7 @@ def env(request, tmp_path, database_url):
     shm.mkdir()
     settings = config.load({"DATABASE_URL": database_url, "SHM_DIR": str(shm)})
     clicks = segment.SegmentWriter(shm, settings.segment_slots, settings.shm_max_bytes)
-    db = database.Database(database_url)
+    db = db_pool.Database(database_url)
     application = create_app(settings, clicks, db)
     if request.param == "raw-click-route":
         application = click_route(clicks, application)
@@ -91,7 +93,7 @@ def test_an_empty_banner_id_is_400(env, path):
 def test_a_full_memory_answers_503_with_retry_after(tmp_path, raw):
     full = type("Full", (), {"add": staticmethod(lambda banner: False)})()
     settings = config.load({"DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})
-    application = create_app(settings, full, database.Database(settings.database_url))
+    application = create_app(settings, full, db_pool.Database(settings.database_url))
     client = falcon.testing.TestClient(click_route(full, application) if raw else application)
     for path in ("/counter/1", "/v1/banners/counter/1"):
         r = client.simulate_get(path)
@@ -257,7 +259,7 @@ def test_a_chunked_body_is_read_and_capped(env):
 def test_stats_with_the_database_down_is_503(tmp_path):
     settings = config.load({"DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})
     client = falcon.testing.TestClient(create_app(settings, segment.SegmentWriter(tmp_path, 16, 1 << 20),
-                                                  database.Database(settings.database_url)))
+                                                  db_pool.Database(settings.database_url)))
     r = client.simulate_post("/stats/1", json={"from": "2024-01-01", "to": "2024-01-02"})
     assert_error(r, 503)
     assert "secret" not in r.text
@@ -270,7 +272,7 @@ def test_health_reports_database_flusher_and_lag_from_the_flusher(env):
     assert h.status_code == 200  # while the process serves
     assert h.json["status"] == "degraded" and h.json["flusher"]["alive"] is False  # no flusher yet
     env.simulate_get("/counter/1")
-    from counter.flusher import StopSignal
+    from counter.flush.flusher import StopSignal
 
     stop = StopSignal(0.5)
     stop.set()
@@ -284,12 +286,12 @@ def test_health_reports_database_flusher_and_lag_from_the_flusher(env):
 
 
 def test_health_shows_a_failing_database_without_secrets(tmp_path):
-    from counter.flusher import StatusFile
+    from counter.flush.flusher import StatusFile
 
     StatusFile(tmp_path).failed("could not connect to server", 12, {})
     settings = config.load({"DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})
     clicks = segment.SegmentWriter(tmp_path, 16, 1 << 20)
-    client = falcon.testing.TestClient(create_app(settings, clicks, database.Database(settings.database_url)))
+    client = falcon.testing.TestClient(create_app(settings, clicks, db_pool.Database(settings.database_url)))
     for banner in (1, 1, 2):
         assert client.simulate_get(f"/counter/{banner}").status_code == 200
     h = client.simulate_get("/health")
@@ -304,7 +306,7 @@ def test_health_shows_a_failing_database_without_secrets(tmp_path):
 def test_an_unexpected_error_is_a_json_500_without_a_trace(tmp_path, raw):
     broken = type("Broken", (), {"add": staticmethod(lambda banner: 1 / 0)})()
     settings = config.load({"DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})
-    application = create_app(settings, broken, database.Database(settings.database_url))
+    application = create_app(settings, broken, db_pool.Database(settings.database_url))
     client = falcon.testing.TestClient(click_route(broken, application) if raw else application)
     r = client.simulate_get("/counter/1")
     assert_error(r, 500)
@@ -321,8 +323,8 @@ def _metric(text, name):
 
 
 def test_metrics_expose_the_flushers_totals_and_the_workers_refusals(tmp_path, database_url):
-    from counter.flusher import StopSignal
-    from counter.worker_stats import WorkerStats
+    from counter.flush.flusher import StopSignal
+    from counter.shm.worker_counters import WorkerStats
 
     shm = tmp_path / "shm"
     shm.mkdir()
@@ -332,7 +334,7 @@ def test_metrics_expose_the_flushers_totals_and_the_workers_refusals(tmp_path, d
     clicks = segment.SegmentWriter(shm, 16, 64 << 10)
     stats = WorkerStats(shm)
     client = falcon.testing.TestClient(click_route(clicks, create_app(
-        settings, clicks, database.Database(database_url), stats=stats)))
+        settings, clicks, db_pool.Database(database_url), stats=stats)))
     statuses = [client.simulate_get(f"/counter/{banner}").status_code for banner in range(1, 2000)]
     accepted, refused = statuses.count(200), statuses.count(503)
     assert accepted and refused and accepted + refused == len(statuses)
@@ -365,20 +367,21 @@ def test_metrics_count_accepted_clicks_and_impressions_apart(tmp_path, database_
     import datetime
     import uuid
 
-    from counter import impressions, storage
-    from counter.flusher import StopSignal
-    from counter.worker_stats import WorkerStats
+    from counter.flush.flusher import StopSignal
+    from counter.shm import impressions
+    from counter.shm.worker_counters import WorkerStats
+    from counter.storage import connection, queries
 
     shm = tmp_path / "shm"
     shm.mkdir()
     settings = config.load({"DATABASE_URL": database_url, "SHM_DIR": str(shm)})
     clicks = segment.SegmentWriter(shm, 64, 1 << 22)
     client = falcon.testing.TestClient(click_route(clicks, create_app(
-        settings, clicks, database.Database(database_url), impressions.ImpressionLog(shm, 64, 1 << 22),
+        settings, clicks, db_pool.Database(database_url), impressions.ImpressionLog(shm, 64, 1 << 22),
         WorkerStats(shm))))
     campaign = uuid.uuid4()
-    conn = storage.connect(database_url)
-    storage.create_campaign(conn, campaign, "c", datetime.datetime.now(datetime.timezone.utc)
+    conn = connection.connect(database_url)
+    queries.create_campaign(conn, campaign, "c", datetime.datetime.now(datetime.timezone.utc)
                             - datetime.timedelta(hours=1))
     conn.close()
 

@@ -9,12 +9,14 @@ import time
 
 import psycopg2
 import pytest
-
 from conftest import clicks_by_banner, query, wait_until
-from counter import flusher as flusher_module, impressions, segment, storage
-from counter.flusher import Flusher, StopSignal
-from counter.segment import SegmentFile, SegmentWriter
 from test_service import assert_exact
+
+from counter.flush import flusher as flusher_module
+from counter.flush.flusher import Flusher, StopSignal
+from counter.shm import impressions, segment
+from counter.shm.segment import SegmentFile, SegmentWriter
+from counter.storage import connection, flush_writes, queries
 
 NOW = 1_700_000_000.0
 BACKLOG = 30_000
@@ -65,8 +67,8 @@ def set_statement_timeout(url, value):
 
 def count_transactions(monkeypatch):
     calls = []
-    write_flush = storage.write_flush
-    monkeypatch.setattr(storage, "write_flush",
+    write_flush = flush_writes.write_flush
+    monkeypatch.setattr(flush_writes, "write_flush",
                         lambda conn, clicks, *args: (calls.append(sum(map(len, clicks.values()))),
                                                      write_flush(conn, clicks, *args))[1])
     return calls
@@ -154,8 +156,8 @@ def test_a_part_carries_at_most_the_bound_and_the_totals_add_up(shm, database_ur
 
 def test_a_minutes_first_flush_goes_in_by_bulk_insert_in_every_part(shm, database_url, monkeypatch):
     upserted = []
-    add_to_rows = storage._add_to_rows
-    monkeypatch.setattr(storage, "_add_to_rows", lambda cur, minute, banners, counts: (
+    add_to_rows = flush_writes._add_to_rows
+    monkeypatch.setattr(flush_writes, "_add_to_rows", lambda cur, minute, banners, counts: (
         upserted.append(len(banners)), add_to_rows(cur, minute, banners, counts)))
     one, two = writer(shm), writer(shm)
     click(one, range(1, 601))
@@ -188,8 +190,8 @@ def test_impression_logs_go_in_parts_too(shm, database_url, monkeypatch):
     from test_campaigns import KEY, make_campaign
 
     views = []
-    write_flush = storage.write_flush
-    monkeypatch.setattr(storage, "write_flush", lambda conn, clicks, seqs, retired, imps, *rest: (
+    write_flush = flush_writes.write_flush
+    monkeypatch.setattr(flush_writes, "write_flush", lambda conn, clicks, seqs, retired, imps, *rest: (
         views.append(len(imps)), write_flush(conn, clicks, seqs, retired, imps, *rest))[1])
     campaign = make_campaign(database_url)
     log = impressions.ImpressionLog(shm, 2048, 1 << 24)
@@ -198,8 +200,8 @@ def test_impression_logs_go_in_parts_too(shm, database_url, monkeypatch):
     f = Flusher(shm, database_url, max_part_rows=300)
     assert f.flush_once()["impressions"] == 700
     assert views == [300, 300, 100]
-    conn = storage.connect(database_url)
-    assert storage.campaign_stats(conn, campaign)[2] == 700
+    conn = connection.connect(database_url)
+    assert queries.campaign_stats(conn, campaign)[2] == 700
     conn.close()
     f.close()
 
@@ -268,9 +270,9 @@ def test_old_segment_files_with_range_start_zero_are_settled_both_ways(shm, data
     w[16 + segment.PENDING] = 5
     w[segment.PENDING_USED] = 1
     w[segment.PENDING_SEQ] = 1
-    conn = storage.connect(database_url)
-    storage.register_segments(conn, [seg.id])
-    storage.write_flush(conn, {seg.minute: {4: 5}}, {seg.id: 1})
+    conn = connection.connect(database_url)
+    flush_writes.register_segments(conn, [seg.id])
+    flush_writes.write_flush(conn, {seg.minute: {4: 5}}, {seg.id: 1})
     conn.close()
     seg.close()
     f = Flusher(shm, database_url)
@@ -306,7 +308,7 @@ def test_a_part_failing_at_the_smallest_size_backs_off_and_says_so(shm, database
 
 @pytest.mark.service
 def test_kill_9_of_the_flusher_between_parts_stays_exact(database_url, service_factory):
-    from loadtest import clicker
+    from counter.testing import clicker
 
     service = service_factory(database_url, workers=2, extra_env={
         "COUNTER_TEST_FAULT": "between_parts:0.3,before_commit:0.02,after_commit:0.02",

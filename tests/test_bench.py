@@ -6,16 +6,16 @@ import argparse
 import statistics
 
 import pytest
-
 from conftest import query
-from counter import storage
+
+from counter.storage import flush_writes
 from loadtest import bench
 
 
 def test_the_flush_benchmark_stores_exactly_what_it_counted(database_url, monkeypatch):
     upserts = []
-    add_to_rows = storage._add_to_rows
-    monkeypatch.setattr(storage, "_add_to_rows",
+    add_to_rows = flush_writes._add_to_rows
+    monkeypatch.setattr(flush_writes, "_add_to_rows",
                         lambda cur, *args: (upserts.append(args[0]), add_to_rows(cur, *args)))
     report = bench.bench_flush(database_url, keys=3000, rounds=2)
     assert report["rows"] == 3000 and report["rounds"] == 2

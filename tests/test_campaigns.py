@@ -11,12 +11,14 @@ import uuid
 
 import falcon.testing
 import pytest
-
 from conftest import query, wait_until
-from counter import config, database, impressions, segment, storage
-from counter.app import create_app
-from counter.flusher import Flusher
-from loadtest import clicker
+
+from counter import config
+from counter.flush.flusher import Flusher
+from counter.shm import impressions, segment
+from counter.storage import connection, db_pool, queries
+from counter.testing import clicker
+from counter.web.app import create_app
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
 KEY = bytes(range(32))
@@ -39,7 +41,7 @@ def api(tmp_path, database_url):
     shm = tmp_path / "shm"
     shm.mkdir()
     settings = config.load({"DATABASE_URL": database_url, "SHM_DIR": str(shm)})
-    db = database.Database(database_url)
+    db = db_pool.Database(database_url)
     client = falcon.testing.TestClient(create_app(
         settings, segment.SegmentWriter(shm, 64, 1 << 24), db,
         impressions.ImpressionLog(shm, 64, 1 << 24)))
@@ -53,8 +55,8 @@ def make_campaign(url, start=None, name="spring sale"):
     the API accepts only future start times)."""
     start = start or NOW - datetime.timedelta(hours=1)
     campaign_id = uuid.uuid4()
-    conn = storage.connect(url)
-    storage.create_campaign(conn, campaign_id, name, start)
+    conn = connection.connect(url)
+    queries.create_campaign(conn, campaign_id, name, start)
     conn.close()
     return campaign_id
 
@@ -172,15 +174,15 @@ def test_window_rule_within_one_flush_and_across_flushes(tmp_path, database_url)
         clock.now = t0 + offset
         assert log.append(camp, user)
     flush(str(tmp_path), database_url, ttl=60)
-    conn = storage.connect(database_url)
-    assert storage.campaign_stats(conn, campaign)[2] == 4  # ann at 0, 60, 200; bob at 70
-    assert storage.campaign_stats(conn, other)[2] == 1
+    conn = connection.connect(database_url)
+    assert queries.campaign_stats(conn, campaign)[2] == 4  # ann at 0, 60, 200; bob at 70
+    assert queries.campaign_stats(conn, other)[2] == 1
     # a later flush continues from the window in the database
     for offset in (230, 259.999, 260):
         clock.now = t0 + offset
         log.append(campaign, ann)
     flush(str(tmp_path), database_url, ttl=60)
-    assert storage.campaign_stats(conn, campaign)[2] == 5  # only 260 opened a window
+    assert queries.campaign_stats(conn, campaign)[2] == 5  # only 260 opened a window
     conn.close()
 
 
@@ -216,8 +218,8 @@ def test_a_crash_during_an_impression_flush_is_settled(tmp_path, database_url):
     assert f.flush_once()["impressions"] == 3  # confirmed by the settlement, for the totals
     assert f.flush_once()["impressions"] == 0
     f.close()
-    conn = storage.connect(database_url)
-    assert storage.campaign_stats(conn, campaign)[2] == 3
+    conn = connection.connect(database_url)
+    assert queries.campaign_stats(conn, campaign)[2] == 3
     conn.close()
 
 
@@ -232,9 +234,9 @@ def _started_campaign(service):
 
 
 def _total(url, campaign):
-    conn = storage.connect(url)
+    conn = connection.connect(url)
     try:
-        return storage.campaign_stats(conn, uuid.UUID(campaign))[2]
+        return queries.campaign_stats(conn, uuid.UUID(campaign))[2]
     finally:
         conn.close()
 

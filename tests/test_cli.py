@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 from click.testing import CliRunner
+from conftest import query
 
 from cli.main import main
-from conftest import query
-from counter import storage
+from counter.storage import schema
 
 
 def run(args, env):
@@ -20,7 +20,7 @@ def test_db_migrate_then_status(database_url):
     assert first.exit_code == 0 and "up to date" in first.output
     status = run(["db", "status"], env)
     assert status.exit_code == 0 and "0001_clicks  applied" in status.output
-    assert query(database_url, "SELECT count(*) FROM schema_migrations") == [(len(storage._migrations()),)]
+    assert query(database_url, "SELECT count(*) FROM schema_migrations") == [(len(schema._migrations()),)]
 
 
 def test_unreachable_database_is_one_line_without_the_password():
@@ -121,12 +121,14 @@ def test_stats_table_json_and_csv(known):
 def test_stats_match_the_http_route(known, tmp_path):
     import falcon.testing
 
-    from counter import config, database, segment
-    from counter.app import create_app
+    from counter import config
+    from counter.shm import segment
+    from counter.storage import db_pool
+    from counter.web.app import create_app
 
     settings = config.load({"DATABASE_URL": known["DATABASE_URL"], "SHM_DIR": str(tmp_path)})
     client = falcon.testing.TestClient(create_app(settings, segment.SegmentWriter(tmp_path, 16, 1 << 20),
-                                                  database.Database(known["DATABASE_URL"])))
+                                                  db_pool.Database(known["DATABASE_URL"])))
     for granularity in ("minute", "hour", "day"):
         http = client.simulate_post("/stats/5", json={"from": "2024-01-01T10:30:00Z", "to": "2024-01-02T00:00:01Z",
                                                       "granularity": granularity}).json

@@ -11,14 +11,17 @@ import falcon.inspect
 import falcon.testing
 import jsonschema
 import pytest
+from conftest import query
 from openapi_spec_validator import validate
 
-from conftest import query
-from counter import app as app_module
-from counter import config, database, openapi, segment
-from counter.app import create_app
-from counter.click_route import click_route
-from counter.worker_stats import WorkerStats
+from counter import config
+from counter.shm import segment
+from counter.shm.worker_counters import WorkerStats
+from counter.storage import db_pool
+from counter.web import app as app_module
+from counter.web import openapi
+from counter.web.app import create_app
+from counter.web.click_route import click_route
 
 TOKEN = "t0ken-for-the-tests-only"
 DOC = openapi.document()
@@ -29,7 +32,7 @@ def _client(tmp_path, url, **env):
     shm.mkdir(exist_ok=True)
     settings = config.load({"DATABASE_URL": url, "SHM_DIR": str(shm), **env})
     clicks = segment.SegmentWriter(shm, 64, 1 << 22)
-    application = create_app(settings, clicks, database.Database(url))
+    application = create_app(settings, clicks, db_pool.Database(url))
     client = falcon.testing.TestClient(click_route(clicks, application))
     client.falcon_app = application
     return client
@@ -189,11 +192,11 @@ def test_a_full_impression_memory_answers_503_and_is_counted(tmp_path, database_
     full = type("Full", (), {"append": staticmethod(lambda c, u: False)})()
     stats = WorkerStats(shm)
     client = falcon.testing.TestClient(create_app(settings, segment.SegmentWriter(shm, 16, 1 << 20),
-                                                  database.Database(database_url), full, stats))
+                                                  db_pool.Database(database_url), full, stats))
     r = client.simulate_post("/api/v1/impressions", json={"campaign_id": str(campaign), "user_id": "u", "ad_id": "a"})
     assert r.status_code == 503 and r.json["code"] == 503 and r.headers["retry-after"]
     (path,) = segment.list_segments(shm, ".wst")
-    from counter.worker_stats import WorkerStatsFile
+    from counter.shm.worker_counters import WorkerStatsFile
 
     stats_file = WorkerStatsFile(path)
     assert stats_file.values()["rejected_impressions"] == 1

@@ -17,9 +17,11 @@ import time
 
 import psycopg2
 import pytest
-
 from conftest import clicks_by_banner, query, wait_until
-from counter import config, database, segment, thread_writers
+
+from counter import config
+from counter.shm import segment, thread_writers
+from counter.storage import db_pool
 
 WORKERS = 2
 WAITERS = config.DEFAULT_DB_WAITERS  # K per worker
@@ -111,7 +113,7 @@ def test_a_waiting_database_does_not_stall_clicks(database_url, service_factory,
         assert wait_until(lambda: _waiting_stats(database_url) == WORKERS * WAITERS, timeout=4), \
             f"{_waiting_stats(database_url)} stats queries wait, not {WORKERS * WAITERS}"
 
-        time.sleep(database.STUCK)  # till then, one more may wait for a connection to come back
+        time.sleep(db_pool.STUCK)  # till then, one more may wait for a connection to come back
         # every worker holds K waiting requests: one more is refused at once
         waiting_since = time.monotonic()
         probe = _request(port, _stats_path())

@@ -8,7 +8,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -71,7 +70,7 @@ def test_systemd_accepts_the_units_and_their_commands_exist(unit, tmp_path):
 def test_grafana_dashboard_uses_only_metrics_the_service_exposes():
     import json
 
-    from counter import metrics
+    from counter.web import metrics
 
     dashboard = json.loads((DEPLOY / "grafana/click-counter.json").read_text())
     exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])

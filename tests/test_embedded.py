@@ -1,6 +1,6 @@
 """The embedded PostgreSQL (DATABASE_URL unset): one major, data of another
 major never touched, one line for every failure to start, and shared by the
-CLI and `counter serve` under one rule (counter.embedded's docstring): the
+CLI and `counter serve` under one rule (counter.storage.embedded's docstring): the
 last counter process to leave stops it, and only then."""
 
 import os
@@ -12,9 +12,9 @@ import sys
 import tempfile
 
 import pytest
-
 from conftest import ROOT, query, wait_until
-from counter import embedded, storage
+
+from counter.storage import connection, embedded, schema
 
 ROWS = 100_000  # an export of these outgrows a pipe nobody reads: it waits, mid-stream
 
@@ -83,7 +83,7 @@ def test_data_of_another_major_is_left_untouched_with_one_line_saying_how_to_get
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1, (args, done.stderr)
         assert f"{pgdata} holds data of PostgreSQL 16 and this install runs PostgreSQL {ours}" in lines[0]
-        assert "left untouched" in lines[0] and "-m counter.embedded upgrade" in lines[0]
+        assert "left untouched" in lines[0] and "-m counter.storage.embedded upgrade" in lines[0]
 
     with pytest.raises(RuntimeError) as refused:
         service_factory(None, workers=1, extra_env={"DATA_DIR": str(data_dir)})
@@ -143,7 +143,7 @@ def test_a_cli_read_starts_the_embedded_database_for_itself_and_stops_it(data_di
 def test_another_client_keeps_the_server_running_until_it_leaves(data_dir):
     server = embedded.EmbeddedPostgres(data_dir)
     url = server.acquire()
-    psql = storage.connect(url, application_name="psql")
+    psql = connection.connect(url, application_name="psql")
     server.release()  # the last counter user, but somebody else is connected
     assert running(data_dir)
     psql.close()
@@ -228,8 +228,8 @@ def test_the_upgrade_command_of_the_one_line_copies_the_data_and_keeps_the_old_d
     old = embedded.EmbeddedPostgres(data_dir, binaries=embedded.find_binaries(majors[0]))
     url = old.start()
     try:
-        conn = storage.connect(url)
-        storage.migrate(conn)
+        conn = connection.connect(url)
+        schema.migrate(conn)
         conn.close()
         query(url, "INSERT INTO clicks VALUES (5, '2024-01-01T10:00Z', 11)")
     finally:

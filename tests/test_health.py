@@ -9,9 +9,9 @@ import threading
 import time
 
 import pytest
-
 from conftest import clicks_by_banner, wait_until
-from loadtest import audit, clicker
+
+from counter.testing import audit, clicker
 
 pytestmark = pytest.mark.service
 

@@ -13,11 +13,11 @@ import threading
 import time
 
 import pytest
-
 from conftest import clicks_by_banner, wait_until
-from loadtest import clicker
-from loadtest.hostile import ATTACKER, ATTACKS, attack, hostile_requests, status_codes
 from test_http_hardening import exchange
+
+from counter.testing import clicker
+from counter.testing.hostile import ATTACKER, ATTACKS, attack, hostile_requests, status_codes
 
 pytestmark = pytest.mark.service
 

@@ -11,10 +11,10 @@ import threading
 import time
 
 import pytest
-
 from conftest import clicks_by_banner, wait_until
+
 from counter import config
-from loadtest.hostile import status_codes
+from counter.testing.hostile import status_codes
 
 pytestmark = pytest.mark.service
 

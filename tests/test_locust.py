@@ -9,7 +9,7 @@ import shlex
 import subprocess
 import sys
 
-from counter import embedded
+from counter.storage import embedded
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LOCUST = [sys.executable, "-m", "locust"]

@@ -6,7 +6,6 @@ import json
 import re
 
 import pytest
-
 from conftest import wait_until
 
 pytestmark = pytest.mark.service

@@ -21,10 +21,10 @@ import threading
 import time
 
 import pytest
-
 from conftest import wait_until
-from counter import embedded
-from loadtest.harness import alive, children
+
+from counter.storage import embedded
+from counter.testing.harness import alive, children
 
 pytest.importorskip("meinheld.server", reason="meinheld does not import here (Python 3.13+)")
 
@@ -65,13 +65,13 @@ APP = textwrap.dedent('''
 
 @pytest.fixture
 def meinheld_app(tmp_path):
-    """One gunicorn worker of the service's class (counter.worker.MeinheldWorker)
+    """One gunicorn worker of the service's class (counter.serving.meinheld_worker.MeinheldWorker)
     serving APP on a free loopback port; stopped by pid."""
     (tmp_path / "trampoline_app.py").write_text(APP)
     port = embedded.free_port()
     log = open(tmp_path / "gunicorn.log", "wb")
     master = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-k", "counter.worker.MeinheldWorker", "-w", "1",
+        [sys.executable, "-m", "gunicorn", "-k", "counter.serving.meinheld_worker.MeinheldWorker", "-w", "1",
          "-b", f"127.0.0.1:{port}", "--no-control-socket", "trampoline_app:app"],
         cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)  # not the project's gunicorn.conf.py
     log.close()

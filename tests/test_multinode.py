@@ -11,11 +11,11 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT, wait_until
-from counter.embedded import free_port
-from loadtest import audit, clicker
-from loadtest.harness import Service
+
+from counter.storage.embedded import free_port
+from counter.testing import audit, clicker
+from counter.testing.harness import Service
 
 pytestmark = pytest.mark.service
 

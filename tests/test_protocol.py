@@ -7,11 +7,12 @@ import os
 
 import psycopg2
 import pytest
-
 from conftest import clicks_by_banner, query
-from counter import segment, storage
-from counter.flusher import LOCK_FILE, Flusher, StopSignal
-from counter.segment import SegmentFile, SegmentWriter
+
+from counter.flush.flusher import LOCK_FILE, Flusher, StopSignal
+from counter.shm import segment
+from counter.shm.segment import SegmentFile, SegmentWriter
+from counter.storage import connection, flush_writes, schema
 
 
 class Crash(Exception):
@@ -165,8 +166,8 @@ def fixed_clock_writer(shm, clicks, now=1_700_000_000.0):
 def test_a_minutes_first_flush_goes_in_by_bulk_insert_later_ones_by_upsert(shm, database_url,
                                                                            monkeypatch):
     upserted = []
-    add_to_rows = storage._add_to_rows
-    monkeypatch.setattr(storage, "_add_to_rows",
+    add_to_rows = flush_writes._add_to_rows
+    monkeypatch.setattr(flush_writes, "_add_to_rows",
                         lambda cur, minute, banners, counts: (upserted.append(banners),
                                                               add_to_rows(cur, minute, banners, counts)))
     w = fixed_clock_writer(shm, {1: 3, 2: 1})
@@ -231,8 +232,8 @@ def test_a_minute_after_2038_is_made_and_added_to(shm, database_url):
 def test_a_catch_up_over_many_minutes_copies_at_most_32_of_them(shm, database_url, monkeypatch):
     """Each COPY is a subtransaction; PostgreSQL caches 64 per transaction."""
     upserted = []
-    add_to_rows = storage._add_to_rows
-    monkeypatch.setattr(storage, "_add_to_rows",
+    add_to_rows = flush_writes._add_to_rows
+    monkeypatch.setattr(flush_writes, "_add_to_rows",
                         lambda cur, minute, banners, counts: (upserted.append(minute),
                                                               add_to_rows(cur, minute, banners, counts)))
     now = [1_700_000_000.0]
@@ -268,15 +269,16 @@ def test_a_second_flusher_waits_for_the_first(shm, database_url):
 def test_flusher_retries_while_the_database_is_down_and_catches_up(shm, tmp_path, caplog):
     import threading
 
-    from counter import embedded, storage
-    from counter.flusher import StatusFile
+    #STORAGE_IMPORTS#
+    from counter.flush.flusher import StatusFile
+    from counter.storage import embedded
 
     caplog.set_level(logging.INFO, logger="counter.flusher")
     server = embedded.EmbeddedPostgres(tmp_path / "pg")
     url = server.start()
     try:
-        conn = storage.connect(url)
-        storage.migrate(conn)
+        conn = connection.connect(url)
+        schema.migrate(conn)
         conn.close()
         w = count(shm, {1: 2})
         stop = StopSignal(30.0)
@@ -318,7 +320,7 @@ def test_migrations_run_concurrently_apply_once(postgres_url, database_url):
     # database_url only lends its server address; the migrations go to a new, empty database
     import threading
 
-    from counter import storage
+    #STORAGE_IMPORTS#
 
     fresh = database_url.rsplit("/", 1)[0] + "/" + "m_" + os.urandom(4).hex()
     admin = psycopg2.connect(postgres_url)
@@ -329,8 +331,8 @@ def test_migrations_run_concurrently_apply_once(postgres_url, database_url):
 
     def migrate():
         try:
-            conn = storage.connect(fresh)
-            results.append(storage.migrate(conn))
+            conn = connection.connect(fresh)
+            results.append(schema.migrate(conn))
             conn.close()
         except Exception as exc:  # noqa: BLE001 -- collected for the assertion
             errors.append(exc)
@@ -342,7 +344,7 @@ def test_migrations_run_concurrently_apply_once(postgres_url, database_url):
         t.join()
     try:
         assert not errors
-        assert sorted(map(len, results)) == [0, 0, 0, 0, 0, len(storage._migrations())]
+        assert sorted(map(len, results)) == [0, 0, 0, 0, 0, len(schema._migrations())]
     finally:
         with admin.cursor() as cur:
             cur.execute(f"DROP DATABASE {fresh.rsplit('/', 1)[1]} WITH (FORCE)")
@@ -408,4 +410,4 @@ def test_a_commit_still_in_flight_is_waited_for_not_dropped(shm, database_url):
 
 
 def storage_connect(url):
-    return storage.connect(url)
+    return connection.connect(url)

@@ -11,9 +11,9 @@ import subprocess
 import tempfile
 
 import pytest
-
 from conftest import wait_until
-from counter import embedded
+
+from counter.storage import embedded
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 

@@ -6,10 +6,10 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from conftest import wait_until
 
 from cli.main import main
-from conftest import wait_until
-from loadtest import clicker
+from counter.testing import clicker
 
 PASSWORD = "pw-s3cret-Zq81"
 

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from counter import segment
-from counter.segment import SegmentFile, SegmentWriter
+from counter.shm import segment
+from counter.shm.segment import SegmentFile, SegmentWriter
 
 
 class Clock:

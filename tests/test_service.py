@@ -7,10 +7,10 @@ import threading
 import time
 
 import pytest
-
 from conftest import clicks_by_banner, wait_until
-from loadtest import audit, clicker
-from loadtest.harness import alive, children, cmdline
+
+from counter.testing import audit, clicker
+from counter.testing.harness import alive, children, cmdline
 
 pytestmark = pytest.mark.service
 

@@ -8,18 +8,18 @@ import tempfile
 import time
 
 import pytest
-
 from conftest import ROOT, clicks_by_banner, wait_until
-from counter import shm_directory
-from loadtest import clicker
-from loadtest.harness import Service
+
+from counter.shm import directory
+from counter.testing import clicker
+from counter.testing.harness import Service
 
 pytestmark = pytest.mark.service
 
 
 def test_a_second_service_on_a_live_services_shm_dir_refuses_to_start(database_url, service_factory):
     first = service_factory(database_url, workers=1)
-    node = shm_directory.read_node(first.shm_dir)
+    node = directory.read_node(first.shm_dir)
     assert node["pid"] == first.master_pid and node["bind"].endswith(str(first.port))
     with pytest.raises(RuntimeError) as refused:
         service_factory(database_url, shm_dir=first.shm_dir, workers=1)
@@ -32,7 +32,7 @@ def test_a_second_service_on_a_live_services_shm_dir_refuses_to_start(database_u
     assert time.monotonic() - started < 10, first.log()
     # once its owner is gone, the directory can be had again
     again = service_factory(database_url, shm_dir=first.shm_dir, workers=1)
-    assert shm_directory.read_node(again.shm_dir)["pid"] == again.master_pid
+    assert directory.read_node(again.shm_dir)["pid"] == again.master_pid
 
 
 def test_a_standalone_flusher_runs_beside_the_service(database_url, service_factory, tmp_path):
@@ -103,7 +103,7 @@ def test_a_start_against_another_database_refuses_while_old_clicks_wait(
         database_url, make_database, service_factory):
     import signal
 
-    from loadtest.harness import alive
+    from counter.testing.harness import alive
 
     old = service_factory(database_url, workers=1, flush_interval=600)
     time.sleep(1.0)  # the flusher's first (empty) round has passed; the next is far away

@@ -11,11 +11,11 @@ import threading
 import time
 
 import pytest
-
 from conftest import clicks_by_banner, wait_until
-from counter import segment, shm_directory
-from counter.flusher import LOCK_FILE, Flusher, StopSignal
-from loadtest import audit, clicker
+
+from counter.flush.flusher import LOCK_FILE, Flusher, StopSignal
+from counter.shm import directory, segment
+from counter.testing import audit, clicker
 
 
 class Clock:
@@ -36,7 +36,7 @@ def test_a_writer_puts_its_removed_segment_back_for_the_next_flusher(shm, databa
     assert w.add(1)
     # the old segment is back under its own name, the new click in a new one
     assert len(segment.list_segments(shm)) == 2
-    assert shm_directory.recreated_at(shm) is not None
+    assert directory.recreated_at(shm) is not None
     f = Flusher(shm, database_url)
     f.flush_once()
     assert clicks_by_banner(database_url) == {1: 4}
@@ -56,7 +56,7 @@ def test_a_flusher_puts_back_a_removed_segment_whose_owner_is_gone(shm, database
     w._segment.release()  # the worker dies without sealing (kill -9): only the flusher maps it
     shutil.rmtree(shm)
     first._put_back_removed()  # what the flusher does at the start of every round
-    assert shm_directory.recreated_at(shm) is not None
+    assert directory.recreated_at(shm) is not None
     first.close()  # ... and then it dies before it has drained
     second = Flusher(shm, database_url)
     second.flush_once()

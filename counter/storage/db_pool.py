@@ -8,7 +8,7 @@ import time
 
 from psycopg2 import extensions
 
-from counter import storage
+from counter.storage import connection
 
 # A connection taken longer ago than this is waiting on the database. When one
 # of a worker's is, or the last one given back was held this long, and none is
@@ -86,11 +86,11 @@ class Database:
         conn, taker = self._take()
         try:
             if conn is None:
-                conn = storage.connect(self.url, statement_timeout_ms=self.STATEMENT_TIMEOUT_MS)
+                conn = connection.connect(self.url, statement_timeout_ms=self.STATEMENT_TIMEOUT_MS)
             return fn(conn, *args)
         finally:
             if conn is not None and not _reusable(conn):
-                storage.close_quietly(conn)  # broken, or left inside a transaction
+                connection.close_quietly(conn)  # broken, or left inside a transaction
                 conn = None
             self._give_back(conn, taker)
 
@@ -138,13 +138,13 @@ class Database:
                 self._free.append(conn)
 
     def describe(self, exc) -> str:
-        return storage.describe_error(exc, self.url)
+        return connection.describe_error(exc, self.url)
 
     def close(self):
         """Close the connections not in use."""
         with self._lock:
             for i, conn in enumerate(self._free):
-                storage.close_quietly(conn)
+                connection.close_quietly(conn)
                 self._free[i] = None
 
 

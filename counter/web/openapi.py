@@ -4,7 +4,7 @@ Kept as data beside the routes; tests check that every route of the app is
 here and that real answers match these schemas."""
 
 from counter import version
-from counter.stats_request import MAX_BANNER_ID as MAX_ID
+from counter.web.stats_request import MAX_BANNER_ID as MAX_ID
 
 
 def _error(description):

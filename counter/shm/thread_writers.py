@@ -25,7 +25,7 @@ the worker's log and counters and write them one at a time (OneAtATime).
 import os
 import threading
 
-from counter import segment
+from counter.shm import segment
 
 TASKS = "/proc/self/task"  # one entry per live thread of this process, by native id
 

@@ -28,7 +28,8 @@ import subprocess
 import sys
 import time
 
-from counter import logs, service, supervisor, worker
+from counter import logs
+from counter.serving import flusher_supervisor, lifecycle, meinheld_worker
 
 log = logging.getLogger("counter.granian")
 
@@ -102,8 +103,8 @@ def run(settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(signum, request_stop)
     logs.set_role("supervisor")
-    service.prepare(settings)  # logging was set up by `counter serve`
-    worker.raise_fd_limit(16384)  # inherited by granian and its workers
+    lifecycle.prepare(settings)  # logging was set up by `counter serve`
+    meinheld_worker.raise_fd_limit(16384)  # inherited by granian and its workers
     log_config = logs.write_config(settings.log_level, settings.log_format, "granian")
     try:
         return _supervise(settings, stop, log_config)
@@ -113,7 +114,7 @@ def run(settings) -> int:
 
 def _supervise(settings, stop, log_config) -> int:
     server = Granian(settings, log_config)
-    flusher = supervisor.FlusherSupervisor(supervisor.flusher_command(os.getpid()), log)
+    flusher = flusher_supervisor.FlusherSupervisor(flusher_supervisor.flusher_command(os.getpid()), log)
     flusher.start()
 
     code = 0
@@ -141,6 +142,6 @@ def _supervise(settings, stop, log_config) -> int:
         server.stop()
     if not flusher.stop(timeout=settings.graceful_timeout):
         code = code or 1
-    service.shutdown_database()
+    lifecycle.shutdown_database()
     log.info("stopped")
     return code

@@ -11,9 +11,7 @@ import time
 import urllib.error
 import urllib.request
 
-from counter import embedded
-
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+from counter.storage import embedded
 
 
 def children(pid):
@@ -73,7 +71,7 @@ class Service:
     def start(self, timeout=30):
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "cli", "serve"], env=self.env,
-                                     stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+                                     stdout=log, stderr=subprocess.STDOUT, cwd=str(self.log_path.parent))
         log.close()
         self.started_pids.add(self.proc.pid)
         deadline = time.monotonic() + timeout

@@ -68,7 +68,7 @@ import secrets
 import struct
 import time
 
-from counter.shm_directory import note_removal, process_start_time  # noqa: F401 (re-exported)
+from counter.shm.directory import note_removal, process_start_time  # noqa: F401 (re-exported)
 
 log = logging.getLogger("counter.segment")
 

@@ -1,6 +1,6 @@
 """The service's life around its web server: start-up, the flusher, shutdown.
 
-gunicorn.conf.py (and counter serve, through counter.gunicorn_config) call
+gunicorn.conf.py (and counter serve, through counter.serving.gunicorn_hooks) call
 these from gunicorn's hooks; granian_serve calls prepare and
 shutdown_database around granian. Each does one thing.
 """
@@ -11,7 +11,11 @@ import logging
 import os
 import sys
 
-from counter import config, embedded, health, logs, segment, shm_directory, storage, supervisor, worker
+from counter import config, logs
+from counter.serving import flusher_supervisor, meinheld_worker
+from counter.shm import directory, segment
+from counter.storage import connection, embedded, identity, schema
+from counter.web import health
 
 log = logging.getLogger("counter.service")
 
@@ -28,12 +32,12 @@ def worker_class(settings) -> str:
     loudly. (A threaded worker would break the one-writer rule of segments.)"""
     if settings.worker_class != "auto":
         return settings.worker_class
-    if worker.MEINHELD_IMPORT_ERROR is None:
-        return "counter.worker.MeinheldWorker"
+    if meinheld_worker.MEINHELD_IMPORT_ERROR is None:
+        return "counter.serving.meinheld_worker.MeinheldWorker"
     log.warning(
         "meinheld cannot be imported (%s); serving with gunicorn's sync worker, "
         "one request at a time per worker: expect far fewer clicks/s",
-        worker.MEINHELD_IMPORT_ERROR,
+        meinheld_worker.MEINHELD_IMPORT_ERROR,
     )
     return "sync"
 
@@ -50,11 +54,11 @@ def claim_shm_dir(settings):
     """Make this service the owner of SHM_DIR, or exit with one line naming
     the live service that owns it (two services on one directory would
     fight over its segments and its flusher)."""
-    database = (storage.redact(settings.database_url) if settings.database_url
+    database = (connection.redact(settings.database_url) if settings.database_url
                 else f"embedded PostgreSQL in {settings.data_dir}")
     try:
-        return shm_directory.claim(str(settings.shm_dir), bind=settings.bind, database=database)
-    except shm_directory.InUse as exc:
+        return directory.claim(str(settings.shm_dir), bind=settings.bind, database=database)
+    except directory.InUse as exc:
         sys.exit(f"cannot start: {exc}")
 
 
@@ -63,16 +67,16 @@ def check_same_database(settings, previous, database_id):
     a start against another database (a new DATABASE_URL, a second clone under
     one HOME) must not drain them into it. Exits with one line that says how
     to drain them where they belong; otherwise records the database."""
-    directory = str(settings.shm_dir)
+    shm_dir = str(settings.shm_dir)
     before = (previous or {}).get("database_id")
     if before and before != database_id:
-        left = health.pending(directory)
+        left = health.pending(shm_dir)
         if left:
-            sys.exit(f"cannot start: SHM_DIR {directory} holds {left} clicks not yet flushed into "
+            sys.exit(f"cannot start: SHM_DIR {shm_dir} holds {left} clicks not yet flushed into "
                      f"database {before} ({previous.get('database', '?')}), and this start's "
                      f"database is {database_id}. Drain them into theirs first: "
-                     f"SHM_DIR={directory} DATABASE_URL=<that database> counter flusher --drain")
-    shm_directory.update_node(directory, database_id=database_id)
+                     f"SHM_DIR={shm_dir} DATABASE_URL=<that database> counter flusher --drain")
+    directory.update_node(shm_dir, database_id=database_id)
 
 
 def fit_shm_bound(settings):
@@ -81,7 +85,7 @@ def fit_shm_bound(settings):
     with no word why); exit with one line when not even every worker's
     segments fit. Returns the settings in force."""
     directory = str(settings.shm_dir)
-    room = shm_directory.free_bytes(directory) + segment.segment_bytes(directory)
+    room = directory.free_bytes(directory) + segment.segment_bytes(directory)
     if room >= settings.shm_max_bytes:
         return settings
     threads = config.threads_per_worker(settings.server, settings.db_waiters)
@@ -119,25 +123,25 @@ def prepare(settings):
         # Workers inherit the environment at fork, the flusher at spawn.
         os.environ["DATABASE_URL"] = url
     try:
-        conn = storage.connect(url)
+        conn = connection.connect(url)
         try:
-            applied = storage.migrate(conn)
-            database_id = storage.database_id(conn)
+            applied = schema.migrate(conn)
+            database_id = identity.database_id(conn)
         finally:
             conn.close()
         check_same_database(settings, previous, database_id)
         if applied:
             log.info("applied migrations: %s", ", ".join(applied))
-    except storage.DatabaseError as exc:
+    except connection.DatabaseError as exc:
         # Clicks are still taken; the flusher migrates once the database answers.
-        log.error("database not ready at start: %s", storage.describe_error(exc, url))
+        log.error("database not ready at start: %s", connection.describe_error(exc, url))
 
 
 def start_flusher(server):
     global _flusher
     listeners = [sock.fileno() for sock in server.LISTENERS]
-    _flusher = supervisor.FlusherSupervisor(
-        supervisor.flusher_command(os.getpid()), server.log, close_fds=listeners
+    _flusher = flusher_supervisor.FlusherSupervisor(
+        flusher_supervisor.flusher_command(os.getpid()), server.log, close_fds=listeners
     )
     _flusher.start()
 
@@ -160,7 +164,7 @@ def shutdown(settings):
 
 def shutdown_database():
     """Leave the embedded database; it stops only if this was its last user
-    (the rule in counter.embedded), not under a CLI or another service."""
+    (the rule in counter.storage.embedded), not under a CLI or another service."""
     if _embedded is not None:
         _embedded.release()
 
@@ -171,10 +175,10 @@ def choose_server(settings) -> str:
     worker. An explicit SERVER is kept."""
     if settings.server != "auto":
         return settings.server
-    if worker.MEINHELD_IMPORT_ERROR is None:
+    if meinheld_worker.MEINHELD_IMPORT_ERROR is None:
         return "gunicorn"
     if importlib.util.find_spec("granian") is None:
         return "gunicorn"  # worker_class() warns about the sync worker
     log.warning("meinheld cannot be imported (%s); serving with granian instead",
-                worker.MEINHELD_IMPORT_ERROR)
+                meinheld_worker.MEINHELD_IMPORT_ERROR)
     return "granian"

@@ -8,8 +8,8 @@ millisecond for a node's default segments: see tests/test_health.py). No
 database call here: this runs on a thread that also serves clicks.
 """
 
-from counter import segment, shm_directory, worker_stats
-from counter.flusher import SEGMENT_KINDS, StatusFile
+from counter.flush.flusher import SEGMENT_KINDS, StatusFile
+from counter.shm import directory, segment, worker_counters
 
 REFUSALS_RECENT = 10.0  # seconds: a refusal this recent makes the node degraded
 MIN_STALL = 5.0  # seconds: the shortest flush lag that counts as a stalled flusher
@@ -43,7 +43,7 @@ def report(shm_dir, now: float, flush_interval: float) -> dict:
     last_ok, last_error = status.get("last_flush_at"), status.get("last_error_at")
     lag = round(now - last_ok, 3) if last_ok else None
     stalled = lag is None or lag > stall_after(flush_interval)
-    last_refusal = worker_stats.last_refusal(shm_dir)
+    last_refusal = worker_counters.last_refusal(shm_dir)
     refusing = now - last_refusal < REFUSALS_RECENT
 
     problems = []
@@ -75,5 +75,5 @@ def report(shm_dir, now: float, flush_interval: float) -> dict:
         # clicks and impressions in shared memory, not yet in the database, now
         "pending": pending(shm_dir),
         "refusals": {"last_at": last_refusal or None, "recent": refusing},
-        "shm": {"dir": str(shm_dir), "recreated_at": shm_directory.recreated_at(shm_dir)},
+        "shm": {"dir": str(shm_dir), "recreated_at": directory.recreated_at(shm_dir)},
     }

@@ -5,7 +5,8 @@ import datetime
 import time
 import uuid
 
-from counter import stats_request, storage
+from counter.storage import queries
+from counter.web import stats_request
 
 MAX_NAME = 200
 MISS_TTL = 1.0  # seconds an unknown campaign id is remembered as unknown
@@ -65,7 +66,7 @@ def describe(row) -> dict:
 
 
 def describe_stats(campaign_id: uuid.UUID, counts) -> dict:
-    """The stats answer, from storage.campaign_stats' (last_hour, last_day, total)."""
+    """The stats answer, from queries.campaign_stats' (last_hour, last_day, total)."""
     last_hour, last_day, total = counts
     return {"campaign_id": str(campaign_id), "last_hour": last_hour, "last_day": last_day,
             "total": total}
@@ -83,13 +84,13 @@ class CampaignCache:
 
     def start_time(self, campaign_id: uuid.UUID):
         """The campaign's start, or None if there is no such campaign.
-        Raises storage.DatabaseError on a miss while the database is away."""
+        Raises connection.DatabaseError on a miss while the database is away."""
         start = self._known.get(campaign_id)
         if start is not None:
             return start
         if self._unknown.get(campaign_id, 0) > self._clock():
             return None
-        row = self._database.run(storage.get_campaign, campaign_id)
+        row = self._database.run(queries.get_campaign, campaign_id)
         if row is None:
             if len(self._unknown) > 100_000:
                 self._unknown.clear()

@@ -19,9 +19,10 @@ import uuid
 
 import falcon
 
-from counter import (campaigns, health, impressions, metrics, openapi, stats_request, storage,
-                     worker_stats)
-from counter.database import Busy as DatabaseBusy
+from counter.shm import impressions, worker_counters
+from counter.storage import connection, identity, queries
+from counter.storage.db_pool import Busy as DatabaseBusy
+from counter.web import campaigns, health, metrics, openapi, stats_request
 
 log = logging.getLogger("counter.app")
 
@@ -91,7 +92,7 @@ class ClickResource:
 
     def on_get(self, req, resp, banner_id):
         if not self._add(stats_request.banner_id(banner_id)):
-            self._stats.add(worker_stats.REJECTED_CLICKS)
+            self._stats.add(worker_counters.REJECTED_CLICKS)
             raise _error(
                 falcon.HTTPServiceUnavailable,
                 "click memory is full; retry shortly",
@@ -129,7 +130,7 @@ class StatsResource:
     def _answer(self, resp, banner, fields):
         query = stats_request.stats_query(banner, fields)
         buckets = self._database.run(
-            storage.click_stats, query.banner_id, query.start, query.end, query.granularity
+            queries.click_stats, query.banner_id, query.start, query.end, query.granularity
         )
         resp.media = query.answer(buckets)
 
@@ -144,7 +145,7 @@ def _find_campaign(database, text):
         key = uuid.UUID(text)
     except ValueError:
         raise _error(falcon.HTTPNotFound, f"no campaign {text[:64]!r}")
-    row = database.run(storage.get_campaign, key)
+    row = database.run(queries.get_campaign, key)
     if row is None:
         raise _error(falcon.HTTPNotFound, f"no campaign {text}")
     return key, row
@@ -159,7 +160,7 @@ class CampaignsResource:
 
     def on_post(self, req, resp):
         name, start = campaigns.new_campaign(_json_body(req), datetime.datetime.now(datetime.timezone.utc))
-        row = self._database.run(storage.create_campaign, uuid.uuid4(), name, start)
+        row = self._database.run(queries.create_campaign, uuid.uuid4(), name, start)
         self._cache.remember(uuid.UUID(row[0]), row[2])
         resp.status = falcon.HTTP_201
         resp.media = campaigns.describe(row)
@@ -184,7 +185,7 @@ class CampaignStatsResource:
 
     def on_get(self, req, resp, campaign_id):
         key, _ = _find_campaign(self._database, campaign_id)
-        resp.media = campaigns.describe_stats(key, self._database.run(storage.campaign_stats, key))
+        resp.media = campaigns.describe_stats(key, self._database.run(queries.campaign_stats, key))
 
 
 class ImpressionResource:
@@ -207,9 +208,9 @@ class ImpressionResource:
             raise _error(falcon.HTTPConflict,
                          f"campaign {campaign_id} starts at {stats_request.format_time(start)}")
         if self._key is None:
-            self._key = self._database.run(storage.user_hash_key)
+            self._key = self._database.run(identity.user_hash_key)
         if not self._append(campaign_id, impressions.user_hash(self._key, user_id)):
-            self._stats.add(worker_stats.REJECTED_IMPRESSIONS)
+            self._stats.add(worker_counters.REJECTED_IMPRESSIONS)
             raise _error(falcon.HTTPServiceUnavailable, "impression memory is full; retry shortly",
                          retry_after=RETRY_AFTER)
         resp.status = falcon.HTTP_202
@@ -278,11 +279,11 @@ def create_app(settings, clicks, database, views=None, stats=None) -> falcon.App
     app.set_error_serializer(_serialize_error)
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(stats_request.BadRequest, _bad_request)
-    app.add_error_handler(storage.DatabaseError, _database_unavailable(database))
+    app.add_error_handler(connection.DatabaseError, _database_unavailable(database))
     app.add_error_handler(DatabaseBusy, _database_busy)
 
     if stats is None:
-        stats = worker_stats.WorkerStats(settings.shm_dir)
+        stats = worker_counters.WorkerStats(settings.shm_dir)
     app.add_route("/counter/{banner_id}", ClickResource(clicks, falcon.HTTP_200, stats))
     app.add_route("/v1/banners/counter/{banner_id}", ClickResource(clicks, falcon.HTTP_204, stats))
     banner_stats = StatsResource(database)

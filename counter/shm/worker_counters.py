@@ -8,7 +8,7 @@ import logging
 import os
 import time
 
-from counter import segment
+from counter.shm import segment
 
 log = logging.getLogger("counter.worker_stats")
 

@@ -8,8 +8,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from counter import segment
-from counter.flusher import SEGMENT_KINDS, StatusFile
+from counter.flush.flusher import SEGMENT_KINDS, StatusFile
+from counter.shm import segment
 
 _COUNTERS = {  # status total -> (metric name, help)
     "clicks": ("click_counter_clicks_flushed", "Clicks written to PostgreSQL."),

@@ -13,7 +13,7 @@ README "Performance"). Hence a memo of parsed click paths: a path is parsed
 once, and later clicks on it are a lookup.
 """
 
-from counter.stats_request import MAX_BANNER_ID
+from counter.web.stats_request import MAX_BANNER_ID
 
 # (prefix, status, headers) of each click route
 ROUTES = (

@@ -7,7 +7,7 @@ import sys as _sys
 
 from counter import config as _config
 from counter import logs as _logs
-from counter import service as _service
+from counter.serving import lifecycle as _service
 
 try:
     _settings = _config.load()

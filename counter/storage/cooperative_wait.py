@@ -9,22 +9,22 @@ ready (or throws ``meinheld.server.timeout``). With this module's wait
 callback installed, psycopg2 runs every connection in its non-blocking mode
 and calls the callback whenever it would block: the request that waits on
 PostgreSQL parks its greenlet, and the worker goes on serving clicks.
-Each waiting request has a connection of its own (counter/database.py), so
+Each waiting request has a connection of its own (counter/db_pool.py), so
 no descriptor is waited on twice; a request waiting for a connection of the
 pool parks the same way, on an eventfd of its own (picoev holds one waiter
 per descriptor).
 
 Needs the patched meinheld build (deploy/meinheld): meinheld's bundled
 greenlet 0.4 header made trampoline fail against greenlet 3.
-Installed per worker, after the fork, by counter.worker.MeinheldWorker only.
+Installed per worker, after the fork, by counter.serving.meinheld_worker.MeinheldWorker only.
 """
 
 import greenlet
 import psycopg2
+from meinheld import server
 from psycopg2 import extensions, extras
 
-from counter import database
-from meinheld import server
+from counter.storage import db_pool
 
 # The longest one wait for the socket may take. The server ends a statement
 # after 5 s (Database.STATEMENT_TIMEOUT_MS); this bounds what it does not: a
@@ -35,7 +35,7 @@ WAIT_TIMEOUT = 10
 
 def install():
     extensions.set_wait_callback(wait)
-    database.set_wait(wait_readable)
+    db_pool.set_wait(wait_readable)
 
 
 def _in_request() -> bool:
@@ -45,11 +45,11 @@ def _in_request() -> bool:
 
 
 def wait_readable(fd: int, timeout: float):
-    """The pool's wait for a connection (counter/database.py): yield until
+    """The pool's wait for a connection (counter/db_pool.py): yield until
     `fd` is readable. meinheld's timeouts are whole seconds, so it gives up
     after one to two seconds, not `timeout`; meanwhile clicks are served."""
     if not _in_request():
-        return database.wait_readable(fd, timeout)
+        return db_pool.wait_readable(fd, timeout)
     if fd >= server.get_picoev_max_fd():
         return  # meinheld's table cannot hold it: give up (the request gets Busy)
     try:

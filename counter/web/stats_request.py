@@ -4,7 +4,8 @@ import dataclasses
 import datetime
 import json
 
-from counter import storage, times
+from counter import times
+from counter.storage import queries
 
 MAX_BUCKETS = 100_000
 MAX_BANNER_ID = 2**63 - 1
@@ -85,12 +86,12 @@ def stats_query(banner: int, fields: dict, now: datetime.datetime = None) -> Sta
     if not start < end:
         raise BadRequest("'from' must be before 'to'")
     granularity = fields.get("granularity") or "minute"
-    if not isinstance(granularity, str) or granularity not in storage.GRANULARITIES:
+    if not isinstance(granularity, str) or granularity not in queries.GRANULARITIES:
         raise BadRequest("'granularity' must be one of: minute, hour, day")
-    buckets = storage.bucket_count(start, end, granularity)
+    buckets = queries.bucket_count(start, end, granularity)
     if buckets > MAX_BUCKETS:
-        coarser = [g for g in storage.GRANULARITIES
-                   if storage.bucket_count(start, end, g) <= MAX_BUCKETS]
+        coarser = [g for g in queries.GRANULARITIES
+                   if queries.bucket_count(start, end, g) <= MAX_BUCKETS]
         hint = f"use granularity '{coarser[0]}'" if coarser else "narrow the range"
         raise BadRequest(
             f"the range holds {buckets} {granularity} buckets, more than {MAX_BUCKETS}; {hint}"

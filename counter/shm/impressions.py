@@ -21,7 +21,7 @@ import hmac
 import time
 import uuid
 
-from counter import segment
+from counter.shm import segment
 
 IMPRESSIONS = segment.Kind(0x31474F4C_504D4943, ".imp", 5)  # "CIMPLOG1"
 assert IMPRESSIONS.suffix in segment.SUFFIXES

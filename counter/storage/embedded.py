@@ -9,7 +9,7 @@ unprivileged system user.
 Data of another major is never touched: before anything else PG_VERSION is
 compared with the binaries' major, and another major raises OtherMajor, whose
 one line names the directory, both majors and the command that copies the
-data over (`python -m counter.embedded upgrade DATA_DIR`, see upgrade()).
+data over (`python -m counter.storage.embedded upgrade DATA_DIR`, see upgrade()).
 Any other failure is one line too (EmbeddedError): the cause, and the log.
 
 Who stops the server. It belongs to every counter process using it, not to
@@ -114,7 +114,7 @@ def _install_hint(major: str) -> str:
 
 
 def _upgrade_command(data_dir) -> str:
-    return f"{shlex.quote(sys.executable)} -m counter.embedded upgrade {shlex.quote(str(data_dir))}"
+    return f"{shlex.quote(sys.executable)} -m counter.storage.embedded upgrade {shlex.quote(str(data_dir))}"
 
 
 def _ensure_system_user(name):
@@ -391,10 +391,10 @@ class EmbeddedPostgres:
         counted by the flock. A client that has just closed its connection is
         listed until its backend exits: wait up to `grace` s for that. An
         error (unknown) counts as in use."""
-        from counter import storage
+        from counter.storage import connection
 
         try:
-            conn = storage.connect(self.url)
+            conn = connection.connect(self.url)
             conn.autocommit = True  # a transaction would see one snapshot of pg_stat_activity
             try:
                 deadline = time.monotonic() + grace
@@ -408,8 +408,8 @@ class EmbeddedPostgres:
                         time.sleep(0.05)
             finally:
                 conn.close()
-        except storage.DatabaseError as exc:
-            return f"unknown: {storage.describe_error(exc)}"
+        except connection.DatabaseError as exc:
+            return f"unknown: {connection.describe_error(exc)}"
 
     # -- another major's data --------------------------------------------------------
 
@@ -473,7 +473,7 @@ def upgrade(data_dir, old_binaries=None) -> str:
 
 def main(argv) -> int:
     if len(argv) not in (2, 3) or argv[0] != "upgrade":
-        print("usage: python -m counter.embedded upgrade DATA_DIR [OLD_BINARIES_DIR]\n"
+        print("usage: python -m counter.storage.embedded upgrade DATA_DIR [OLD_BINARIES_DIR]\n"
               "  copies DATA_DIR/pgdata, made by another PostgreSQL major, into this install's major",
               file=sys.stderr)
         return 2

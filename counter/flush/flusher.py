@@ -34,7 +34,8 @@ import time
 
 import psycopg2.errors
 
-from counter import impressions, segment, shm_directory, storage, worker_stats
+from counter.shm import directory, impressions, segment, worker_counters
+from counter.storage import connection, flush_writes, schema
 
 log = logging.getLogger("counter.flusher")
 
@@ -93,7 +94,7 @@ class Flusher:
             self._settle(conn)
             finished = {s.path for s in self.segments.values() if s.finished()}
             self._write_parts(conn)
-        except storage.DatabaseError:
+        except connection.DatabaseError:
             self._drop_connection()
             raise
         removed = self._retire(finished)
@@ -121,7 +122,7 @@ class Flusher:
                     m not in written_banners or written_banners[m].isdisjoint(clicks[m]))}
                 try:
                     self._fault("before_commit")
-                    storage.write_flush(conn, clicks, seqs, retired, views, self.dedup_ttl,
+                    flush_writes.write_flush(conn, clicks, seqs, retired, views, self.dedup_ttl,
                                         new_minutes)
                 except _PART_TOO_LARGE as exc:
                     self._settle(conn)  # the database says what became of the part
@@ -149,7 +150,7 @@ class Flusher:
         """After a part of `rows` rows failed for its size: half of it next,
         or, if it was no larger than the smallest part, the error for run()
         to back off on."""
-        message = storage.describe_error(exc, self.database_url)
+        message = connection.describe_error(exc, self.database_url)
         if rows <= self.min_part_rows:
             log.error("a flush part of %d rows (the smallest is %d) failed too; backing off error=%r",
                       rows, self.min_part_rows, message)
@@ -165,7 +166,7 @@ class Flusher:
         which is what lets _settle wait for a commit still in flight."""
         new = [s.id for s in self.segments.values() if s.id not in self._registered]
         if new:
-            storage.register_segments(conn, new)
+            flush_writes.register_segments(conn, new)
             self._registered.update(new)
 
     def _settle(self, conn):
@@ -177,7 +178,7 @@ class Flusher:
         # FOR UPDATE: if our previous connection's COMMIT is still being
         # processed by the server, this waits for it instead of reading the
         # old sequence and dropping values that are about to be committed.
-        committed = storage.committed_seqs(conn, [s.id for s in unsettled])
+        committed = flush_writes.committed_seqs(conn, [s.id for s in unsettled])
         for seg in unsettled:
             if committed.get(seg.id, -1) >= seg.words[segment.PENDING_SEQ]:
                 kind = "impressions" if isinstance(seg, impressions.ImpressionLogFile) else "clicks"
@@ -284,7 +285,7 @@ class Flusher:
                 if not seg.owner_gone():
                     continue
                 try:
-                    shm_directory.note_removal(self.shm_dir, f"flusher {os.getpid()}")
+                    directory.note_removal(self.shm_dir, f"flusher {os.getpid()}")
                     seg.put_back(self.shm_dir)
                 except OSError as exc:  # e.g. a full tmpfs: drain it here meanwhile
                     log.error("cannot put segment %s back in %s (%s); draining it from "
@@ -300,12 +301,12 @@ class Flusher:
     def _rejections(self, totals) -> dict:
         """Workers' refusal (503) counts. A gone worker's file is folded into
         `totals` and removed; the counts of live workers are returned."""
-        live = {name: 0 for name in worker_stats.FIELDS}
+        live = {name: 0 for name in worker_counters.FIELDS}
         if not os.path.isdir(self.shm_dir):
             return live  # removed under us: the next round makes it again
-        for path in segment.list_segments(self.shm_dir, worker_stats.STATS.suffix):
+        for path in segment.list_segments(self.shm_dir, worker_counters.STATS.suffix):
             try:
-                stats = worker_stats.WorkerStatsFile(path)
+                stats = worker_counters.WorkerStatsFile(path)
             except (ValueError, OSError):
                 continue
             try:
@@ -325,10 +326,10 @@ class Flusher:
 
     def _connection(self):
         if self._conn is None or self._conn.closed:
-            conn = storage.connect(self.database_url, "click-counter-flusher")
+            conn = connection.connect(self.database_url, "click-counter-flusher")
             if not self._migrated:
                 # the schema may not have been there when the service started
-                applied = storage.migrate(conn)
+                applied = schema.migrate(conn)
                 if applied:
                     log.info("applied migrations: %s", ", ".join(applied))
                 self._migrated = True
@@ -336,7 +337,7 @@ class Flusher:
         return self._conn
 
     def _drop_connection(self):
-        storage.close_quietly(self._conn)
+        connection.close_quietly(self._conn)
         self._conn = None
 
     def close(self):
@@ -354,7 +355,7 @@ class Flusher:
         lock = self._lock(stop)
         if lock is None:
             return False
-        node = shm_directory.read_node(self.shm_dir)
+        node = directory.read_node(self.shm_dir)
         status = StatusFile(self.shm_dir)
         self._on_commit = status.committed
         failures = 0
@@ -368,10 +369,10 @@ class Flusher:
                         return False
                 try:
                     result = self.flush_once()
-                except (storage.DatabaseError, OSError) as exc:
+                except (connection.DatabaseError, OSError) as exc:
                     failures += 1
                     delay = min(interval * 2 ** min(failures, 10), max_backoff)
-                    message = storage.describe_error(exc, self.database_url)
+                    message = connection.describe_error(exc, self.database_url)
                     unflushed = self.unflushed()  # the database is away: time to spare
                     log.error("flush failed attempt=%d retry_in=%.1fs unflushed=%d error=%r",
                               failures, delay, unflushed, message)
@@ -421,8 +422,8 @@ class Flusher:
         flusher already has it: then the segments whose owner is gone are put
         back for it, the rest are let go (their owners put them back), and
         this flusher stops."""
-        shm_directory.note_removal(self.shm_dir, f"flusher {os.getpid()}")
-        shm_directory.restore_node(self.shm_dir, node)
+        directory.note_removal(self.shm_dir, f"flusher {os.getpid()}")
+        directory.restore_node(self.shm_dir, node)
         fd = os.open(os.path.join(self.shm_dir, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -13,7 +13,7 @@ import resource
 
 from gunicorn.workers.base import Worker
 
-from counter import segment
+from counter.shm import segment
 
 try:
     from meinheld import server as meinheld_server
@@ -63,9 +63,9 @@ if _MeinheldWorker is not None:
 
         def init_process(self):
             # in the worker, after the fork: database waits yield to meinheld's loop
-            from counter import green
+            from counter.storage import cooperative_wait
 
-            green.install()
+            cooperative_wait.install()
             raise_fd_limit(self.cfg.worker_connections)
             super().init_process()
 

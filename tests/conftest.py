@@ -19,11 +19,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # for `loadtest`
 
-from counter.storage import (
-    connection,
-    embedded,
-    schema,  # noqa: E402
-)
+from counter.storage import connection, embedded, schema  # noqa: E402
 from counter.testing.harness import Service  # noqa: E402
 
 

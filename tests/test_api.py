@@ -286,7 +286,7 @@ def test_health_reports_database_flusher_and_lag_from_the_flusher(env):
 
 
 def test_health_shows_a_failing_database_without_secrets(tmp_path):
-    from counter.flush.flusher import StatusFile
+    from counter.flush.status import StatusFile
 
     StatusFile(tmp_path).failed("could not connect to server", 12, {})
     settings = config.load({"DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})

@@ -14,6 +14,7 @@ from test_service import assert_exact
 
 from counter.flush import flusher as flusher_module
 from counter.flush.flusher import Flusher, StopSignal
+from counter.flush.status import StatusFile
 from counter.shm import impressions, segment
 from counter.shm.segment import SegmentFile, SegmentWriter
 from counter.storage import connection, flush_writes, queries
@@ -123,7 +124,7 @@ def test_the_running_flusher_drains_the_backlog_without_outage_backoff(shm, data
     print(f"\nFlusher.run stored {BACKLOG} banners in {took:.3f}s under a 20 ms timeout")
     assert stored(database_url) == dict.fromkeys(range(1, BACKLOG + 1), 1)
     assert "flush failed" not in caplog.text  # no outage backoff: parts shrank instead
-    status = flusher_module.StatusFile.read(shm)
+    status = StatusFile.read(shm)
     assert status["totals"]["clicks"] == BACKLOG and status["totals"]["flush_failures"] == 0
 
 

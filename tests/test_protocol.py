@@ -270,7 +270,7 @@ def test_flusher_retries_while_the_database_is_down_and_catches_up(shm, tmp_path
     import threading
 
     #STORAGE_IMPORTS#
-    from counter.flush.flusher import StatusFile
+    from counter.flush.status import StatusFile
     from counter.storage import embedded
 
     caplog.set_level(logging.INFO, logger="counter.flusher")

@@ -25,7 +25,6 @@ twice. Only one flusher may work a directory at a time (an flock guards it).
 """
 
 import fcntl
-import json
 import logging
 import os
 import random
@@ -34,17 +33,15 @@ import time
 
 import psycopg2.errors
 
+from counter.flush.status import StatusFile
 from counter.shm import directory, impressions, segment, worker_counters
+from counter.shm.kinds import SEGMENT_KINDS
 from counter.storage import connection, flush_writes, schema
 
 log = logging.getLogger("counter.flusher")
 
-STATUS_FILE = "flusher.json"
 LOCK_FILE = "flusher.lock"
 STALE_TEMPORARY = 60.0  # seconds; a half-made segment file older than this is abandoned
-# Every kind of segment file the flusher drains, with its flusher-side class.
-SEGMENT_KINDS = ((segment.CLICKS, segment.SegmentFile),
-                 (impressions.IMPRESSIONS, impressions.ImpressionLogFile))
 
 # Rows (records with new clicks, impressions) one flush transaction carries at
 # most: 100k distinct rows, a busy flush, still go in one transaction.
@@ -491,80 +488,6 @@ class StopSignal:
 
     def time_left(self) -> float:
         return max(0.0, self._deadline - time.monotonic()) if self._deadline is not None else 0.0
-
-
-class StatusFile:
-    """The flusher's state and running totals, for /health and /metrics in the
-    workers: a small JSON file replaced atomically after every cycle. Totals
-    carry over from the previous flusher's file, so they only go up."""
-
-    TOTALS = ("flushes", "flush_failures", "rows", "clicks", "impressions", "retired_segments",
-              "rejected_clicks", "rejected_impressions")
-
-    def __init__(self, shm_dir):
-        self.path = os.path.join(str(shm_dir), STATUS_FILE)
-        previous = self.read(shm_dir) or {}
-        self.totals = {name: int(previous.get("totals", {}).get(name, 0)) for name in self.TOTALS}
-        self.state = {"pid": os.getpid(), "started_at": time.time(), "last_flush_at": None,
-                      "last_error": None, "last_error_at": None, "unflushed": 0,
-                      "last_duration": None, "segments": 0, "live_segments": 0,
-                      "totals": self.totals,
-                      # live workers' refusals as last read: a counter must not dip
-                      "live_rejections": previous.get("live_rejections", {})}
-
-    def flushed(self, result, duration, live_rejections):
-        """After a successful cycle. live_rejections: refusals counted by live
-        workers (those of gone workers are already in the totals)."""
-        for name in ("rows", "clicks", "impressions"):
-            self.totals[name] += result[name]
-        self.totals["flushes"] += 1
-        self.totals["retired_segments"] += result["retired"]
-        self.state.update(last_flush_at=time.time(), unflushed=0, last_duration=duration,
-                          segments=result["segments"], live_segments=result["live_segments"],
-                          live_rejections=live_rejections)
-        self._write()
-
-    def committed(self):
-        """A part committed in the middle of a flush: say so at most once a
-        second (the flush's end writes the file anyway)."""
-        now = time.time()
-        if now - (self.state["last_flush_at"] or 0) >= 1.0:
-            self.state["last_flush_at"] = now
-            self._write()
-
-    def failed(self, message, unflushed, live_rejections):
-        self.totals["flush_failures"] += 1
-        self.state.update(last_error=message, last_error_at=time.time(), unflushed=unflushed,
-                          live_rejections=live_rejections)
-        self._write()
-
-    def _write(self):
-        temporary = self.path + f".{os.getpid()}"
-        try:
-            with open(temporary, "w") as f:
-                json.dump(self.state, f)
-            os.replace(temporary, self.path)
-        except FileNotFoundError:
-            pass  # SHM_DIR was removed: the flusher makes it again next round
-
-    @staticmethod
-    def flusher_alive(status) -> bool:
-        pid = status.get("pid")
-        return bool(pid) and segment.process_start_time(pid) is not None
-
-    @staticmethod
-    def database_reachable(status) -> bool:
-        """As the flusher last found it: its last flush came after its last error."""
-        last_ok, last_error = status.get("last_flush_at"), status.get("last_error_at")
-        return last_ok is not None and (last_error is None or last_ok > last_error)
-
-    @staticmethod
-    def read(shm_dir):
-        try:
-            with open(os.path.join(str(shm_dir), STATUS_FILE)) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
 
 
 def fault_from_env(spec):

@@ -8,8 +8,9 @@ millisecond for a node's default segments: see tests/test_health.py). No
 database call here: this runs on a thread that also serves clicks.
 """
 
-from counter.flush.flusher import SEGMENT_KINDS, StatusFile
+from counter.flush.status import StatusFile
 from counter.shm import directory, segment, worker_counters
+from counter.shm.kinds import SEGMENT_KINDS
 
 REFUSALS_RECENT = 10.0  # seconds: a refusal this recent makes the node degraded
 MIN_STALL = 5.0  # seconds: the shortest flush lag that counts as a stalled flusher

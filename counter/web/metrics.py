@@ -8,8 +8,9 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from counter.flush.flusher import SEGMENT_KINDS, StatusFile
+from counter.flush.status import StatusFile
 from counter.shm import segment
+from counter.shm.kinds import SEGMENT_KINDS
 
 _COUNTERS = {  # status total -> (metric name, help)
     "clicks": ("click_counter_clicks_flushed", "Clicks written to PostgreSQL."),

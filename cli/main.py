@@ -137,7 +137,7 @@ def _serve_settings(options):
         for option, (name, value) in options.items():
             if value is not None:
                 message = re.sub(rf"\b{name}=(?:'([^']*)'|(\S+))",
-                                 lambda m: f"{option} {m[1] if m[1] is not None else m[2]}", message)
+                                 lambda m, option=option: f"{option} {m[1] if m[1] is not None else m[2]}", message)
         raise click.UsageError(message)
 
 

@@ -294,7 +294,7 @@ def bench_flush(database_url, keys=100_000, rounds=5):
         shm = tempfile.mkdtemp(prefix="cc-bench-flush-", dir="/dev/shm")
         now = time.time()
         try:
-            writer = SegmentWriter(shm, keys, 1 << 30, clock=lambda: now)  # one minute
+            writer = SegmentWriter(shm, keys, 1 << 30, clock=lambda now=now: now)  # one minute
             flusher = Flusher(shm, database_url)
             flusher._connection()  # connect outside the timing
             for seconds in (made, added):

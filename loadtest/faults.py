@@ -29,7 +29,7 @@ import time
 
 from counter.storage import connection, embedded, schema
 from counter.testing import audit, clicker, hostile
-from counter.testing.harness import Service, alive
+from counter.testing.harness import Service, alive, remove_tree
 
 MODES = {
     # seconds of load per scenario, seconds PostgreSQL stays down, seconds the
@@ -228,7 +228,7 @@ class Suite:
         load = self.load(service)
         time.sleep(self.mode["seconds"] / 3)
         flusher = service.flusher_pid()
-        shutil.rmtree(service.shm_dir)
+        remove_tree(service.shm_dir)
         os.kill(flusher, signal.SIGKILL)
         tally = load.finish()
         health = json.loads(service.get("/health")[1])

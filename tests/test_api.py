@@ -42,7 +42,8 @@ def env(request, tmp_path, database_url):
 
 
 def insert(url, rows):
-    query(url, "INSERT INTO clicks (banner_id, ts, count) SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bigint[])",
+    query(url, "INSERT INTO clicks (banner_id, ts, count)"
+          " SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bigint[])",
           ([r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]))
 
 
@@ -121,7 +122,7 @@ def test_the_memo_of_click_paths_stays_bounded_and_counts_exactly(env, monkeypat
     monkeypatch.setattr(click_route_module, "MEMO_SIZE", 3)
     route = env.app
     paths = [f"/counter/{banner}" for banner in range(1, 8)] + ["/v1/banners/counter/3"]
-    for round_ in range(5):
+    for _ in range(5):
         for path in paths:
             assert env.simulate_post(path).status_code in (200, 204)
             assert len(route.memo) <= 3
@@ -160,7 +161,8 @@ def test_stats_accepts_legacy_names_alias_route_and_get(stats_rows):
     body = {"tsFrom": "2024-01-01T00:00:00", "tsTo": "2024-01-01T10:01:00"}
     r = stats_rows.simulate_post("/v1/banners/stats/5", json=body)
     assert r.status_code == 200 and r.json["total"] == 2
-    r = stats_rows.simulate_get("/stats/5", query_string="from=2024-01-01T10:00:00Z&to=2024-01-03T00:00:00Z&granularity=hour")
+    r = stats_rows.simulate_get("/stats/5",
+                                query_string="from=2024-01-01T10:00:00Z&to=2024-01-03T00:00:00Z&granularity=hour")
     assert r.json["stats"] == [{"ts": "2024-01-01T10:00:00Z", "v": 3}, {"ts": "2024-01-01T11:00:00Z", "v": 4},
                                {"ts": "2024-01-02T00:00:00Z", "v": 8}]
 

@@ -104,7 +104,8 @@ def test_the_benchmark_ends_with_each_target_met_or_not():
                    "granian: click route / empty WSGI": False, "granian: answered 2xx <= stored <= sent": True,
                    "flusher: new rows": True, "flusher: existing rows": False}
     lines = bench.summary(report, args).splitlines()
-    table = {line.split("  ")[0]: line.split() for line in lines if line.startswith(("gunicorn: click", "granian: click"))}
+    table = {line.split("  ")[0]: line.split() for line in lines
+             if line.startswith(("gunicorn: click", "granian: click"))}
     assert table["gunicorn: click route / empty WSGI, median of 8 starts"][-3:] == [">=", "0.85", "yes"]
     assert table["granian: click route / empty WSGI, median of 8 starts"][-3:] == [">=", "0.9", "NO"]
     assert "4 of 6 targets met" in lines

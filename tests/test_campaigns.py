@@ -118,7 +118,8 @@ def test_unknown_campaigns_are_404(api):
 def test_impressions_are_accepted_counted_and_reported(api):
     campaign = make_campaign(api.url)
     for user in ("ann", "bob", "ann"):
-        r = api.simulate_post("/api/v1/impressions", json={"campaign_id": str(campaign), "user_id": user, "ad_id": "a1"})
+        r = api.simulate_post("/api/v1/impressions",
+                              json={"campaign_id": str(campaign), "user_id": user, "ad_id": "a1"})
         assert r.status_code == 202, r.text
     flush(api.shm, api.url)
     stats = api.simulate_get(f"/api/v1/campaigns/{campaign}/stats")
@@ -128,7 +129,8 @@ def test_impressions_are_accepted_counted_and_reported(api):
 
 def test_user_ids_never_reach_the_database_in_clear(api):
     campaign = make_campaign(api.url)
-    api.simulate_post("/api/v1/impressions", json={"campaign_id": str(campaign), "user_id": "alice@example.com", "ad_id": 1})
+    api.simulate_post("/api/v1/impressions",
+                      json={"campaign_id": str(campaign), "user_id": "alice@example.com", "ad_id": 1})
     flush(api.shm, api.url)
     dump = json.dumps(query(api.url, "SELECT encode(user_hash, 'escape') FROM impression_windows"))
     assert "alice" not in dump

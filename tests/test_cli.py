@@ -102,7 +102,8 @@ RANGE = ["--from", "2024-01-01T00:00:00Z", "--to", "2024-01-03T00:00:00Z"]
 
 @pytest.fixture
 def known(database_url):
-    query(database_url, "INSERT INTO clicks (banner_id, ts, count) SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bigint[])",
+    query(database_url, "INSERT INTO clicks (banner_id, ts, count)"
+          " SELECT * FROM unnest(%s::bigint[], %s::timestamptz[], %s::bigint[])",
           ([r[0] for r in ROWS], [r[1] for r in ROWS], [r[2] for r in ROWS]))
     return {"DATABASE_URL": database_url}
 
@@ -296,7 +297,8 @@ def test_export_of_a_million_rows_streams_with_flat_memory(database_url, tmp_pat
     with open(target) as f:
         assert sum(1 for _ in f) == 1_000_001
     peak_mib = peak_kib / 1024
-    print(f"\nexport: 1,000,000 rows in {seconds:.1f}s = {1_000_000 / seconds:,.0f} rows/s, peak RSS {peak_mib:.0f} MiB")
+    print(f"\nexport: 1,000,000 rows in {seconds:.1f}s = {1_000_000 / seconds:,.0f} rows/s,"
+          f" peak RSS {peak_mib:.0f} MiB")
     assert peak_mib < 120, peak_mib
 
 

@@ -149,7 +149,7 @@ def test_a_waiting_database_does_not_stall_clicks(database_url, service_factory,
     assert sum(s == WORKERS * WAITERS for s in samples) >= 0.8 * len(samples), samples
 
     expected = {}
-    for status, banner in statuses:
+    for _status, banner in statuses:
         expected[banner] = expected.get(banner, 0) + 1
     assert wait_until(lambda: clicks_by_banner(database_url) == expected, timeout=30), \
         "clicks in the database differ from the clicks answered 200"

@@ -191,7 +191,8 @@ def test_serve_and_a_long_export_share_the_server_and_the_last_one_out_stops_it(
                                                                                  long_export):
     assert cli(data_dir, "db", "migrate").returncode == 0
     server = embedded.EmbeddedPostgres(data_dir)
-    query(server.acquire(), "INSERT INTO clicks SELECT g, '2024-01-01T00:00Z'::timestamptz + g * interval '1 second', 1 "
+    query(server.acquire(), "INSERT INTO clicks"
+                            " SELECT g, '2024-01-01T00:00Z'::timestamptz + g * interval '1 second', 1 "
                             "FROM generate_series(1, %s) g", (ROWS,))
     server.release()
     assert not running(data_dir)

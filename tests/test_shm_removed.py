@@ -16,6 +16,7 @@ from conftest import clicks_by_banner, wait_until
 from counter.flush.flusher import LOCK_FILE, Flusher, StopSignal
 from counter.shm import directory, segment
 from counter.testing import audit, clicker
+from counter.testing.harness import remove_tree
 
 
 class Clock:
@@ -103,7 +104,7 @@ def _remove_under_load(service, kill_flusher):
     load.start()
     time.sleep(2.0)
     flusher = service.flusher_pid()
-    shutil.rmtree(service.shm_dir)
+    remove_tree(service.shm_dir)
     if kill_flusher:
         os.kill(flusher, signal.SIGKILL)
     load.join()
@@ -135,7 +136,7 @@ def test_an_idle_worker_puts_back_what_a_removed_shm_dir_held(database_url, serv
     flusher = service.flusher_pid()
     os.kill(flusher, signal.SIGSTOP)  # nothing gets flushed from now on
     assert clicker.drive(service.url, 7, banners=1, connections=1).statuses[200] == 7
-    shutil.rmtree(service.shm_dir)
+    remove_tree(service.shm_dir)
     os.kill(flusher, signal.SIGKILL)  # only the worker maps the segment now
     # no click comes: the new flusher gets only what the idle worker puts back
     assert wait_until(lambda: clicks_by_banner(database_url) == {1: 7}, timeout=15), \

@@ -12,7 +12,8 @@ def test_meinheld_is_chosen_when_it_imports():
 
 
 def test_without_meinheld_the_sync_worker_is_used_with_a_warning_that_says_why(monkeypatch, caplog):
-    monkeypatch.setattr(meinheld_worker, "MEINHELD_IMPORT_ERROR", ImportError("undefined symbol: Py_TRASHCAN_SAFE_BEGIN"))
+    monkeypatch.setattr(meinheld_worker, "MEINHELD_IMPORT_ERROR",
+                        ImportError("undefined symbol: Py_TRASHCAN_SAFE_BEGIN"))
     with caplog.at_level(logging.WARNING, logger="counter.service"):
         assert lifecycle.worker_class(config.load({})) == "sync"
     assert "meinheld cannot be imported" in caplog.text and "Py_TRASHCAN_SAFE_BEGIN" in caplog.text
@@ -39,7 +40,8 @@ def test_the_meinheld_worker_leaves_gunicorns_logger_alone():
 
 
 def test_without_meinheld_granian_is_preferred_and_the_log_says_why(monkeypatch, caplog):
-    monkeypatch.setattr(meinheld_worker, "MEINHELD_IMPORT_ERROR", ImportError("undefined symbol: Py_TRASHCAN_SAFE_BEGIN"))
+    monkeypatch.setattr(meinheld_worker, "MEINHELD_IMPORT_ERROR",
+                        ImportError("undefined symbol: Py_TRASHCAN_SAFE_BEGIN"))
     with caplog.at_level(logging.WARNING, logger="counter.service"):
         assert lifecycle.choose_server(config.load({})) == "granian"
     assert "serving with granian instead" in caplog.text and "Py_TRASHCAN_SAFE_BEGIN" in caplog.text

@@ -113,8 +113,10 @@ def campaign_stats(conn, campaign_id):
     the 59 (1439) minutes before it, and everything."""
     with conn, conn.cursor() as cur:
         cur.execute(
-            "SELECT coalesce(sum(count) FILTER (WHERE ts >= date_trunc('minute', now()) - interval '59 minutes'), 0)::bigint,"
-            " coalesce(sum(count) FILTER (WHERE ts >= date_trunc('minute', now()) - interval '1439 minutes'), 0)::bigint,"
+            "SELECT"
+            " coalesce(sum(count) FILTER (WHERE ts >= date_trunc('minute', now()) - interval '59 minutes'), 0)::bigint,"
+            " coalesce(sum(count) FILTER (WHERE ts >= date_trunc('minute', now()) - interval '1439 minutes'),"
+            " 0)::bigint,"
             " coalesce(sum(count), 0)::bigint FROM campaign_impressions WHERE campaign_id = %s",
             (str(campaign_id),))
         return cur.fetchone()

@@ -150,7 +150,7 @@ def drive_impressions(base_url, campaign_id, users, repeats=1, connections=16, s
     """Each of `users` user ids sees the campaign `repeats` times (the repeats
     spread over different connections); the tally is keyed by user id."""
     plan = []
-    for r in range(repeats):
+    for _ in range(repeats):
         for user in users:
             body = json.dumps({"campaign_id": str(campaign_id), "user_id": user, "ad_id": "ad-1"})
             plan.append((user, "POST", "/api/v1/impressions", body))

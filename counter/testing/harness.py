@@ -1,9 +1,11 @@
 """A real service tree for tests and the fault suite: `python -m cli serve`
 (the gunicorn master), its workers and its flusher, started and stopped by pid."""
 
+import errno
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +46,24 @@ def alive(pid):
     except OSError:
         return False
     return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
+
+
+def remove_tree(path, attempts=50):
+    """rm -rf a directory that live processes keep writing into (a tmp
+    cleaner removing SHM_DIR under a running service): a worker may create a
+    segment file between the listing and the rmdir, or unlink one first, so
+    one shutil.rmtree can fail with ENOTEMPTY or ENOENT. Retry until the
+    directory itself is gone (the service may make it again right after)."""
+    for _ in range(attempts):
+        try:
+            shutil.rmtree(path)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.ENOENT):
+                raise
+            if exc.errno == errno.ENOENT and exc.filename == str(path):
+                return  # the directory itself is gone
+    raise RuntimeError(f"{path} kept filling up; gave up removing it after {attempts} tries")
 
 
 class Service:

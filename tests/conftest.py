@@ -61,20 +61,21 @@ def _with_database(url, name):
 
 @pytest.fixture
 def make_database(postgres_url):
-    """make() -> the URL of a fresh, migrated database; all are dropped after the test."""
+    """make(migrated=True) -> the URL of a fresh database; all are dropped after the test."""
     admin = psycopg2.connect(postgres_url)
     admin.autocommit = True
     names = []
 
-    def make():
+    def make(migrated=True):
         name = "t_" + uuid.uuid4().hex[:12]
         with admin.cursor() as cur:
             cur.execute(f"CREATE DATABASE {name}")
         names.append(name)
         url = _with_database(postgres_url, name)
-        conn = connection.connect(url)
-        schema.migrate(conn)
-        conn.close()
+        if migrated:
+            conn = connection.connect(url)
+            schema.migrate(conn)
+            conn.close()
         return url
 
     yield make

@@ -122,7 +122,7 @@ def serve(bind, workers, server):
 
         # checked again for granian (a segment per thread), and told to its workers
         settings = _settings(SERVER="granian")
-        sys.exit(granian_serve.run(settings))
+        sys.exit(granian_serve.run(settings, dict(os.environ)))
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:counter.serving.gunicorn_hooks"]
     os.execv(sys.executable, argv)
 

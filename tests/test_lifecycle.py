@@ -165,3 +165,49 @@ def test_a_gunicorn_worker_leaving_gracefully_seals_its_segments(database_url, s
             assert mapped.words[segment.SEALED] == 1, path
         finally:
             mapped.close()
+
+
+@pytest.mark.service
+def test_gunicorn_conf_py_run_directly_gives_its_workers_the_settings_in_force(data_dir, tmp_path):
+    """`gunicorn -c gunicorn.conf.py` (not `counter serve`) on the embedded
+    database: the workers read the embedded URL from the master's lifecycle."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from counter.testing.harness import alive
+
+    port = embedded.free_port()
+    shm_dir = tempfile.mkdtemp(prefix="cc-test-", dir="/dev/shm")
+    env = dict(os.environ, DATA_DIR=str(data_dir), SHM_DIR=shm_dir, BIND=f"127.0.0.1:{port}",
+               WORKERS="1", FLUSH_INTERVAL="0.2", GRACEFUL_TIMEOUT="20")
+    env.pop("DATABASE_URL", None)
+    log = open(tmp_path / "gunicorn.log", "wb")
+    master = subprocess.Popen([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py"], cwd=ROOT,
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    tree = [master.pid]
+
+    def get(path):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return r.status, r.read()
+        except OSError:
+            return None, b""
+
+    try:
+        assert wait_until(lambda: get("/counter/5")[0] == 200, timeout=30), \
+            (tmp_path / "gunicorn.log").read_text()
+        tree += children(master.pid)
+        assert get("/counter/5")[0] == 200
+        stats = "/stats/5?from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z&granularity=day"
+        assert wait_until(lambda: b'"total": 2' in get(stats)[1]), (tmp_path / "gunicorn.log").read_text()
+        master.send_signal(signal.SIGTERM)
+        assert master.wait(timeout=40) == 0
+        assert running_url(data_dir) is None
+    finally:
+        for pid in tree:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        master.wait()
+        shutil.rmtree(shm_dir, ignore_errors=True)

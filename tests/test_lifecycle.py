@@ -206,8 +206,10 @@ def test_gunicorn_conf_py_run_directly_gives_its_workers_the_settings_in_force(d
         assert master.wait(timeout=40) == 0
         assert running_url(data_dir) is None
     finally:
+        tree += children(master.pid)  # also when it failed before they were listed
         for pid in tree:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
         master.wait()
+        wait_until(lambda: not [pid for pid in tree if alive(pid)], timeout=10)
         shutil.rmtree(shm_dir, ignore_errors=True)

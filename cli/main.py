@@ -21,14 +21,10 @@ from counter.web import campaigns as campaign_rules  # `campaigns` is the comman
 from counter.web import stats_request
 
 
-def _settings(**overrides):
-    """Load settings with command-line overrides applied to the environment,
-    so processes started from here (gunicorn, the flusher) see the same."""
-    for name, value in overrides.items():
-        if value is not None:
-            os.environ[name] = str(value)
+def _settings(env=None):
+    """Load settings from `env` (None: the process's environment)."""
     try:
-        return config.load()
+        return config.load(env)
     except config.ConfigError as exc:
         raise click.UsageError(str(exc))
 
@@ -114,24 +110,28 @@ def serve(bind, workers, server):
     """
     from counter.serving import lifecycle
 
-    settings = _serve_settings({"--bind": ("BIND", bind), "--workers": ("WORKERS", workers),
-                                "--server": ("SERVER", server)})
+    env, settings = _serve_settings({"--bind": ("BIND", bind), "--workers": ("WORKERS", workers),
+                                     "--server": ("SERVER", server)})
     lifecycle.setup_logging(settings, "serve")
     if lifecycle.choose_server(settings) == "granian":
         from counter.serving import granian_serve
 
         # checked again for granian (a segment per thread), and told to its workers
-        settings = _settings(SERVER="granian")
-        sys.exit(granian_serve.run(settings))
+        env = dict(env, SERVER="granian")
+        sys.exit(granian_serve.run(_settings(env), env))
     argv = [sys.executable, "-m", "gunicorn", "-c", "python:counter.serving.gunicorn_hooks"]
-    os.execv(sys.executable, argv)
+    os.execve(sys.executable, argv, env)  # gunicorn loads its settings from this environment
 
 
 def _serve_settings(options):
-    """_settings with the options' values; an error about a value given as an
-    option names the option (--workers 0), not the variable it overrides."""
+    """(env, settings): the environment with the options' values (for the
+    processes serve starts, too) and the settings loaded from it; an error
+    about a value given as an option names the option (--workers 0), not the
+    variable it overrides."""
+    env = dict(os.environ)
+    env.update((name, str(value)) for name, value in options.values() if value is not None)
     try:
-        return _settings(**{name: value for name, value in options.values()})
+        return env, _settings(env)
     except click.UsageError as exc:
         message = exc.message
         for option, (name, value) in options.items():

@@ -49,7 +49,7 @@ def test_serve_refuses_a_bad_setting_before_starting():
 
 
 def test_a_bad_option_is_named_as_typed_and_a_bad_variable_as_set():
-    # serve puts its options into the environment (for gunicorn): None restores it after
+    # serve reads its options over the environment; None: WORKERS unset for this run
     given = run(["serve", "--workers", "0"], {"WORKERS": None})
     assert given.exit_code == 2 and "Error: --workers 0 must be between 1 and 1024" in given.output
     assert "WORKERS=" not in given.output

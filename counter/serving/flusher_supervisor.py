@@ -4,7 +4,9 @@ The flusher is started with posix_spawn (a fresh interpreter: no inherited
 signal handlers, no copy of the master's state) and watched through a pidfd,
 because the gunicorn master reaps every child with waitpid(-1): exit statuses
 and child_exit never reach us, and Popen would be fooled. Nothing here depends
-on gunicorn; it needs only the command to run.
+on gunicorn; it needs only the command to run and its environment (the
+lifecycle's child_environment(): the settings in force, e.g. the embedded
+database's URL, which this process's own environment does not hold).
 """
 
 import os
@@ -42,9 +44,10 @@ def _reap(pidfd):
 
 
 class FlusherSupervisor:
-    def __init__(self, command, log, close_fds=(), restart_delay=0.5):
+    def __init__(self, command, log, env, close_fds=(), restart_delay=0.5):
         self.command = command
         self.log = log
+        self.env = env
         self.close_fds = list(close_fds)  # e.g. the listening sockets, inheritable in gunicorn
         self.restart_delay = restart_delay
         self.pid = None
@@ -63,7 +66,7 @@ class FlusherSupervisor:
         """Start the flusher; on failure (e.g. EAGAIN) leave no pid behind and raise."""
         self.pid = self._pidfd = None
         pid = os.posix_spawn(
-            self.command[0], self.command, os.environ,
+            self.command[0], self.command, self.env,
             file_actions=[(os.POSIX_SPAWN_CLOSE, fd) for fd in self.close_fds],
             setsigdef=_RESET_SIGNALS, setsigmask=STOP_SIGNALS,
             setpgroup=0,  # a terminal's Ctrl-C goes to gunicorn, which stops it in order

@@ -11,12 +11,15 @@ thread (DESIGN invariant 12). Each thread counts clicks into a segment of its
 own (counter/thread_writers.py), so every segment still has one writer;
 granian starts the extra threads on demand and retires them after 30 s idle
 (--blocking-threads-idle-timeout), and their segments are then sealed. The
-workers learn the stack from SERVER=granian in their environment (set by
-`counter serve`). If granian itself exits (it does when a worker dies twice
-within 5.5 s), it is started again. SIGTERM/SIGINT: granian
-stops first (in-flight requests finish), then the flusher flushes until no segment has a live owner, then the
-embedded database stops. If this supervisor is killed, granian gets SIGTERM
-from the kernel (PR_SET_PDEATHSIG) and the flusher sees its parent gone.
+workers read their settings from the environment granian is given: the
+lifecycle's child_environment(), with SERVER=granian and the settings in force
+(e.g. the embedded database's URL). The order of start and stop is the
+lifecycle's (counter.serving.lifecycle), as under gunicorn: the flusher, then
+granian; on SIGTERM/SIGINT granian stops first (in-flight requests finish),
+then the flusher flushes until no segment has a live owner, then the embedded
+database stops. If granian itself exits (it does when a worker dies twice
+within 5.5 s), it is started again. If this supervisor is killed, granian gets
+SIGTERM from the kernel (PR_SET_PDEATHSIG) and the flusher sees its parent gone.
 """
 
 import ctypes
@@ -29,7 +32,7 @@ import sys
 import time
 
 from counter import logs
-from counter.serving import flusher_supervisor, lifecycle, meinheld_worker
+from counter.serving import lifecycle, meinheld_worker
 
 log = logging.getLogger("counter.granian")
 
@@ -67,10 +70,10 @@ class Granian:
     Stopping signals the whole group, so that no worker outlives a killed
     main process (they do not watch their parent)."""
 
-    def __init__(self, settings, log_config):
+    def __init__(self, settings, log_config, env):
         self.settings = settings
-        self.process = subprocess.Popen(granian_command(settings, log_config), preexec_fn=_die_with_parent,
-                                        process_group=0)
+        self.process = subprocess.Popen(granian_command(settings, log_config), env=env,
+                                        preexec_fn=_die_with_parent, process_group=0)
         self.pidfd = os.pidfd_open(self.process.pid)
         log.info("granian started (pid: %s) on %s with %d workers", self.process.pid,
                  settings.bind, settings.workers)
@@ -94,7 +97,9 @@ class Granian:
             pass
 
 
-def run(settings) -> int:
+def run(settings, env) -> int:
+    """Serve until a stop signal; `env`: the environment `settings` came from
+    (the process's, with the command line's options)."""
     stop = {"signal": None}
 
     def request_stop(signum, frame):
@@ -103,19 +108,21 @@ def run(settings) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(signum, request_stop)
     logs.set_role("supervisor")
-    lifecycle.prepare(settings)  # logging was set up by `counter serve`
+    service = lifecycle.Lifecycle(settings, env)
+    service.prepare()  # logging was set up by `counter serve`
     meinheld_worker.raise_fd_limit(16384)  # inherited by granian and its workers
     log_config = logs.write_config(settings.log_level, settings.log_format, "granian")
     try:
-        return _supervise(settings, stop, log_config)
+        return _supervise(service, stop, log_config)
     finally:
         os.unlink(log_config)
 
 
-def _supervise(settings, stop, log_config) -> int:
-    server = Granian(settings, log_config)
-    flusher = flusher_supervisor.FlusherSupervisor(flusher_supervisor.flusher_command(os.getpid()), log)
-    flusher.start()
+def _supervise(service, stop, log_config) -> int:
+    def start_granian():
+        return Granian(service.settings, log_config, service.child_environment())
+
+    server = service.start(log, server=start_granian)
 
     code = 0
     restarts = []  # granian exits on its own when a worker dies twice within 5.5 s
@@ -136,12 +143,10 @@ def _supervise(settings, stop, log_config) -> int:
             break
         log.error("granian exited unexpectedly (status %s); starting it again", status)
         time.sleep(0.5)
-        server = Granian(settings, log_config)
+        server = start_granian()
     if server is not None:
         log.info("stopping granian")
-        server.stop()
-    if not flusher.stop(timeout=settings.graceful_timeout):
+    if not service.stop(server):
         code = code or 1
-    lifecycle.shutdown_database()
     log.info("stopped")
     return code

@@ -1,5 +1,8 @@
 """gunicorn settings and hooks of the service (used by gunicorn.conf.py and
-`counter serve`). Every value comes from counter.config.Settings."""
+`counter serve`). Every value comes from counter.config.Settings; the hooks
+drive the service's one Lifecycle (counter.serving.lifecycle), which counter.wsgi
+reads in the workers: the settings in force, and where to leave what a
+worker closes when it exits."""
 
 # Module names are private (_x): gunicorn reads every public name here as a
 # setting, and "config" is one of its own.
@@ -14,6 +17,8 @@ try:
 except _config.ConfigError as _exc:
     _sys.exit(f"configuration error: {_exc}")
 _service.setup_logging(_settings, "master")
+# Not a gunicorn setting. The only state of this module; forked workers inherit it.
+lifecycle = _service.Lifecycle(_settings)
 
 # -- serving -----------------------------------------------------------------
 bind = [_settings.bind]
@@ -40,7 +45,7 @@ accesslog = None  # a log line per click would cost more than counting it
 # -- hooks -------------------------------------------------------------------
 def on_starting(server):
     _service.check_single_threaded(server.cfg)
-    _service.prepare(_settings)
+    lifecycle.prepare()
 
 
 def post_fork(server, worker):
@@ -48,12 +53,13 @@ def post_fork(server, worker):
 
 
 def when_ready(server):
-    _service.start_flusher(server)
+    # the workers are forked once this returns: the flusher starts first
+    lifecycle.start(server.log, close_fds=[sock.fileno() for sock in server.LISTENERS])
 
 
 def worker_exit(server, worker):
-    _service.seal_worker_segment()
+    lifecycle.worker_exit()
 
 
 def on_exit(server):
-    _service.shutdown(_settings)
+    lifecycle.stop()  # gunicorn has stopped its workers

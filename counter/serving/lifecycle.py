@@ -1,8 +1,10 @@
 """The service's life around its web server: start-up, the flusher, shutdown.
 
-gunicorn.conf.py (and counter serve, through counter.serving.gunicorn_hooks) call
-these from gunicorn's hooks; granian_serve calls prepare and
-shutdown_database around granian. Each does one thing.
+One Lifecycle object holds the start and the stop order for both serving
+stacks: gunicorn drives it from its hooks (counter.serving.gunicorn_hooks, used
+by `counter serve` and gunicorn.conf.py), granian's supervisor
+(counter.serving.granian_serve) from its main loop. The functions below it
+each do one thing.
 """
 
 import dataclasses
@@ -18,9 +20,6 @@ from counter.storage import connection, embedded, identity, schema
 from counter.web import health
 
 log = logging.getLogger("counter.service")
-
-_embedded = None
-_flusher = None
 
 
 def setup_logging(settings, role: str):
@@ -101,72 +100,116 @@ def fit_shm_bound(settings):
     log.warning("SHM_DIR %s has %d bytes of room, less than SHM_MAX_BYTES=%d: using "
                 "SHM_MAX_BYTES=%d, so that clicks past it get a 503 instead of a full tmpfs",
                 shm_dir, room, settings.shm_max_bytes, room)
-    os.environ["SHM_MAX_BYTES"] = str(room)  # the workers and the flusher read it at their start
     return dataclasses.replace(settings, shm_max_bytes=room)
 
 
-def prepare(settings):
-    """Before the first fork: the shared-memory directory (claimed, with room
-    checked), the database (embedded when DATABASE_URL is unset) and its
-    migrations."""
-    global _embedded
-    previous = claim_shm_dir(settings)
-    fit_shm_bound(settings)
-    url = settings.database_url
-    if url is None:
-        server = embedded.EmbeddedPostgres(settings.data_dir)
+class Lifecycle:
+    """The order in which the service starts and stops around its web server,
+    the same for gunicorn and granian:
+
+        prepare()    SHM_DIR claimed and its room checked, the database
+                     (embedded when DATABASE_URL is unset), its migrations
+        start(...)   the flusher, then the server
+        stop(...)    the server (its workers seal their segments), the
+                     flusher's final flush, then the database
+
+    `settings` are the settings in force: after prepare(), with the embedded
+    database's URL filled in and SHM_MAX_BYTES lowered to the tmpfs's room if
+    need be. Nothing is written into os.environ: the processes started from
+    here get them in child_environment(); gunicorn's workers, forked from the
+    master that holds this object, read `settings`."""
+
+    def __init__(self, settings, env=None):
+        self.settings = settings
+        # the environment the settings came from; None: this process's, as it
+        # is when a child starts (gunicorn adds its raw_env to it)
+        self._env = env
+        self._embedded = None
+        self._flusher = None
+        self._worker_resources = []
+
+    def prepare(self):
+        """Before the server starts (gunicorn: before the first fork)."""
+        previous = claim_shm_dir(self.settings)
+        self.settings = fit_shm_bound(self.settings)
+        url = self.settings.database_url
+        if url is None:
+            server = embedded.EmbeddedPostgres(self.settings.data_dir)
+            try:
+                url = server.acquire(create=True)  # started, or attached to if it runs
+            except embedded.EmbeddedError as exc:
+                sys.exit(f"cannot start: {exc}")
+            self._embedded = server
+            self.settings = dataclasses.replace(self.settings, database_url=url)
         try:
-            url = server.acquire(create=True)  # started, or attached to if it runs
-        except embedded.EmbeddedError as exc:
-            sys.exit(f"cannot start: {exc}")
-        _embedded = server
-        # Workers inherit the environment at fork, the flusher at spawn.
-        os.environ["DATABASE_URL"] = url
-    try:
-        conn = connection.connect(url)
-        try:
-            applied = schema.migrate(conn)
-            database_id = identity.database_id(conn)
-        finally:
-            conn.close()
-        check_same_database(settings, previous, database_id)
-        if applied:
-            log.info("applied migrations: %s", ", ".join(applied))
-    except connection.DatabaseError as exc:
-        # Clicks are still taken; the flusher migrates once the database answers.
-        log.error("database not ready at start: %s", connection.describe_error(exc, url))
+            conn = connection.connect(url)
+            try:
+                applied = schema.migrate(conn)
+                database_id = identity.database_id(conn)
+            finally:
+                conn.close()
+            check_same_database(self.settings, previous, database_id)
+            if applied:
+                log.info("applied migrations: %s", ", ".join(applied))
+        except connection.DatabaseError as exc:
+            # Clicks are still taken; the flusher migrates once the database answers.
+            log.error("database not ready at start: %s", connection.describe_error(exc, url))
 
+    def child_environment(self) -> dict:
+        """The environment of a process started from here (the flusher,
+        granian): the service's own, with the settings in force that it may
+        not hold (the embedded database's URL, a lowered SHM_MAX_BYTES) and
+        the serving stack (granian's workers build their app for it)."""
+        env = dict(os.environ if self._env is None else self._env)
+        if self.settings.database_url is not None:
+            env["DATABASE_URL"] = self.settings.database_url
+        env["SHM_MAX_BYTES"] = str(self.settings.shm_max_bytes)
+        env["SERVER"] = self.settings.server
+        return env
 
-def start_flusher(server):
-    global _flusher
-    listeners = [sock.fileno() for sock in server.LISTENERS]
-    _flusher = flusher_supervisor.FlusherSupervisor(
-        flusher_supervisor.flusher_command(os.getpid()), server.log, close_fds=listeners
-    )
-    _flusher.start()
+    def start(self, logger, server=None, close_fds=()):
+        """After prepare(): the flusher, then the server. `server` starts it
+        and returns it (granian); gunicorn forks its workers itself once its
+        when_ready hook, which calls this, has returned. `close_fds`: what the
+        flusher must not inherit (gunicorn's listening sockets)."""
+        self._flusher = flusher_supervisor.FlusherSupervisor(
+            flusher_supervisor.flusher_command(os.getpid()), logger, self.child_environment(),
+            close_fds=close_fds)
+        self._flusher.start()
+        return server() if server is not None else None
 
+    def stop(self, server=None) -> bool:
+        """The server first (in-flight requests finish, its workers seal their
+        segments), then the flusher's final flush (it flushes until no segment
+        has a live owner), then the database. gunicorn has stopped its
+        workers before its on_exit hook calls this: no server there. True if
+        the flusher finished in time."""
+        if server is not None:
+            server.stop()
+        clean = True
+        if self._flusher is not None:
+            clean = self._flusher.stop(timeout=self.settings.graceful_timeout)
+            self._flusher = None
+        if self._embedded is not None:
+            # it stops only if this was its last user (the rule in
+            # counter.storage.embedded), not under a CLI or another service
+            self._embedded.release()
+            self._embedded = None
+        return clean
 
-def seal_worker_segment():
-    """A worker leaving gracefully seals its segment so the flusher can retire it now."""
-    wsgi = sys.modules.get("counter.wsgi")
-    if wsgi is not None:
-        wsgi.clicks.close()
-        wsgi.views.close()
-        wsgi.stats.close()
+    # -- in a gunicorn worker (a fork of the master that holds this object) --
 
+    def close_at_worker_exit(self, *resources):
+        """counter.wsgi hands over what the worker must close when it leaves
+        gracefully: its click writer, impression log and counters."""
+        self._worker_resources.extend(resources)
 
-def shutdown(settings):
-    """After the workers are gone: the flusher's final flush, then the embedded database."""
-    if _flusher is not None:
-        _flusher.stop(timeout=settings.graceful_timeout)
-    shutdown_database()
-
-
-def shutdown_database():
-    """Leave the embedded database; it stops only if this was its last user
-    (the rule in counter.storage.embedded), not under a CLI or another service."""
-    if _embedded is not None:
-        _embedded.release()
+    def worker_exit(self):
+        """Seal the worker's segments, so that the flusher retires them now
+        rather than once it sees their owner gone."""
+        for resource in self._worker_resources:
+            resource.close()
+        self._worker_resources = []
 
 
 def choose_server(settings) -> str:

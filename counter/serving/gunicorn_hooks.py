@@ -1,8 +1,8 @@
 """gunicorn settings and hooks of the service (used by gunicorn.conf.py and
 `counter serve`). Every value comes from counter.config.Settings; the hooks
-drive the service's one Lifecycle (counter.serving.lifecycle), which counter.wsgi
-reads in the workers: the settings in force, and where to leave what a
-worker closes when it exits."""
+drive the service's one Lifecycle (counter.serving.lifecycle). Each worker
+builds its app here, after the fork, from the lifecycle's settings in force
+(worker_application), and leaves with it what it closes when it exits."""
 
 # Module names are private (_x): gunicorn reads every public name here as a
 # setting, and "config" is one of its own.
@@ -11,6 +11,7 @@ import sys as _sys
 from counter import config as _config
 from counter import logs as _logs
 from counter.serving import lifecycle as _service
+from counter.serving import worker_app as _worker_app
 
 try:
     _settings = _config.load()
@@ -32,7 +33,7 @@ keepalive = 5
 timeout = 30
 graceful_timeout = int(_settings.graceful_timeout)
 preload_app = False  # segments are opened in the worker, after the fork
-wsgi_app = "counter.wsgi:application"
+wsgi_app = "counter.serving.gunicorn_hooks:worker_application()"  # called in each worker
 
 # -- process -----------------------------------------------------------------
 proc_name = "click-counter"
@@ -63,3 +64,12 @@ def worker_exit(server, worker):
 
 def on_exit(server):
     lifecycle.stop()  # gunicorn has stopped its workers
+
+
+def worker_application():
+    """The worker's app, from the settings in force (the embedded database's
+    URL, a SHM_MAX_BYTES lowered to fit the tmpfs); gunicorn calls it in the
+    worker after the fork. Not a hook: gunicorn ignores names it does not know."""
+    application, resources = _worker_app.create(lifecycle.settings)
+    lifecycle.close_at_worker_exit(*resources)  # sealed by worker_exit
+    return application

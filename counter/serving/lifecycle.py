@@ -200,7 +200,7 @@ class Lifecycle:
     # -- in a gunicorn worker (a fork of the master that holds this object) --
 
     def close_at_worker_exit(self, *resources):
-        """counter.wsgi hands over what the worker must close when it leaves
+        """The worker's app (gunicorn_hooks.worker_application) hands over what it must close when it leaves
         gracefully: its click writer, impression log and counters."""
         self._worker_resources.extend(resources)
 

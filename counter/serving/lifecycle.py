@@ -84,15 +84,15 @@ def fit_shm_bound(settings):
     loudly, when the tmpfs is smaller (a full tmpfs would refuse every click
     with no word why); exit with one line when not even every worker's
     segments fit. Returns the settings in force."""
-    directory = str(settings.shm_dir)
-    room = directory.free_bytes(directory) + segment.segment_bytes(directory)
+    shm_dir = str(settings.shm_dir)
+    room = directory.free_bytes(shm_dir) + segment.segment_bytes(shm_dir)
     if room >= settings.shm_max_bytes:
         return settings
     threads = config.threads_per_worker(settings.server, settings.db_waiters)
     needed = settings.workers * config.bytes_per_worker(settings.segment_slots,
                                                         settings.impression_slots, threads)
     if room < needed:
-        sys.exit(f"cannot start: SHM_DIR {directory} has {room} bytes of room, less than "
+        sys.exit(f"cannot start: SHM_DIR {shm_dir} has {room} bytes of room, less than "
                  f"SHM_MAX_BYTES={settings.shm_max_bytes} and less than the {needed} bytes that "
                  f"WORKERS={settings.workers} need; give that tmpfs more room (docker: --shm-size) "
                  f"or lower WORKERS, SEGMENT_SLOTS or IMPRESSION_SLOTS"
@@ -100,7 +100,7 @@ def fit_shm_bound(settings):
                     if threads > 1 else ""))
     log.warning("SHM_DIR %s has %d bytes of room, less than SHM_MAX_BYTES=%d: using "
                 "SHM_MAX_BYTES=%d, so that clicks past it get a 503 instead of a full tmpfs",
-                directory, room, settings.shm_max_bytes, room)
+                shm_dir, room, settings.shm_max_bytes, room)
     os.environ["SHM_MAX_BYTES"] = str(room)  # the workers and the flusher read it at their start
     return dataclasses.replace(settings, shm_max_bytes=room)
 

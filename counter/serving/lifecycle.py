@@ -147,11 +147,12 @@ def start_flusher(server):
 
 
 def seal_worker_segment():
-    """A worker leaving gracefully seals its segment so the flusher can retire it now."""
+    """A worker leaving gracefully seals its segments (of every kind) so the
+    flusher can retire them now."""
     wsgi = sys.modules.get("counter.wsgi")
     if wsgi is not None:
-        wsgi.clicks.close()
-        wsgi.views.close()
+        for writer in wsgi.writers.values():
+            writer.close()
         wsgi.stats.close()
 
 

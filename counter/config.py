@@ -12,7 +12,7 @@ import pathlib
 import re
 from typing import Any, Callable, Mapping, Optional, Tuple, Union
 
-from counter.shm import impressions, segment
+from counter.kinds.registry import REGISTRY
 
 
 class ConfigError(ValueError):
@@ -190,13 +190,22 @@ def markdown_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def bytes_per_worker(segment_slots: int, impression_slots: int, threads: int = 1) -> int:
-    """Shared memory one worker may need: at a minute change each of its
-    threads that counts clicks briefly holds two click segments (the sealed
-    one until it is flushed), and the worker may hold two impression logs
-    (one log per worker, shared by its threads)."""
-    return 2 * (threads * segment.file_size(segment_slots)
-                + segment.file_size(impression_slots, impressions.IMPRESSIONS.record_words))
+def bytes_per_worker(fields: Mapping[str, Any], threads: int = 1) -> int:
+    """Shared memory one worker may need: two files of each kind of event
+    (the sealed one until it is flushed), per thread for a kind written by
+    every thread (clicks), else per worker (an impression log is shared by
+    the worker's threads). `fields`: the settings, by field name."""
+    return sum(kind.bytes_per_worker(fields[kind.slots], threads) for kind in REGISTRY)
+
+
+def env_of(field: str) -> str:
+    """The variable of a Settings field."""
+    return next(s.env for s in SETTINGS if s.field == field)
+
+
+def slot_settings() -> list:
+    """The variables that size the kinds' files (SEGMENT_SLOTS, ...), each once."""
+    return list(dict.fromkeys(env_of(kind.slots) for kind in REGISTRY))
 
 
 def threads_per_worker(server: str, db_waiters: int) -> int:
@@ -233,17 +242,18 @@ def load(env: Optional[Mapping[str, str]] = None) -> Settings:
         got[s.field] = value
 
     # Shared memory must hold every worker's segments and logs.
-    workers, slots, impression_slots = got["workers"], got["segment_slots"], got["impression_slots"]
-    max_bytes = got["shm_max_bytes"]
+    workers, max_bytes = got["workers"], got["shm_max_bytes"]
     threads = threads_per_worker(got["server"], got["db_waiters"])
-    per_worker = bytes_per_worker(slots, impression_slots, threads)
+    per_worker = bytes_per_worker(got, threads)
     if workers * per_worker > max_bytes:
         per_thread = (f" for each of its {threads} threads (granian: DB_WAITERS_PER_WORKER + 1)"
                       if threads > 1 else "")
+        files = " and ".join(
+            f"two {kind.files} of {env_of(kind.slots)}={got[kind.slots]}"
+            + (per_thread if kind.per_thread else "") for kind in REGISTRY)
         raise ConfigError(
             f"SHM_MAX_BYTES={max_bytes} is too small for WORKERS={workers}: each worker needs "
-            f"{per_worker} bytes (two segments of SEGMENT_SLOTS={slots}{per_thread} and two logs "
-            f"of IMPRESSION_SLOTS={impression_slots}); raise SHM_MAX_BYTES or lower the others"
+            f"{per_worker} bytes ({files}); raise SHM_MAX_BYTES or lower the others"
         )
     return Settings(**got)
 

@@ -296,7 +296,7 @@ def bench_flush(database_url, keys=100_000, rounds=5):
         try:
             writer = SegmentWriter(shm, keys, 1 << 30, clock=lambda now=now: now)  # one minute
             flusher = Flusher(shm, database_url)
-            flusher._connection()  # connect outside the timing
+            flusher.store.connect()  # connect outside the timing
             for seconds in (made, added):
                 for banner in range(first, first + keys):
                     writer.add(banner)

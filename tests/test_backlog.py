@@ -15,9 +15,12 @@ from test_service import assert_exact
 from counter.flush import flusher as flusher_module
 from counter.flush.flusher import Flusher, StopSignal
 from counter.flush.status import StatusFile
+from counter.kinds import clicks as click_kind
+from counter.kinds.registry import CLICKS, IMPRESSIONS
 from counter.shm import impressions, segment
 from counter.shm.segment import SegmentFile, SegmentWriter
 from counter.storage import connection, flush_writes, queries
+from counter.storage.store import PostgresStore
 
 NOW = 1_700_000_000.0
 BACKLOG = 30_000
@@ -66,12 +69,17 @@ def set_statement_timeout(url, value):
     query(url, f"ALTER DATABASE {name} SET statement_timeout = '{value}'")
 
 
+def click_deltas(batches) -> dict:
+    """A part's click deltas, {minute: {banner: delta}} (what write_flush took as `clicks`)."""
+    return batches[CLICKS].deltas if CLICKS in batches else {}
+
+
 def count_transactions(monkeypatch):
     calls = []
-    write_flush = flush_writes.write_flush
-    monkeypatch.setattr(flush_writes, "write_flush",
-                        lambda conn, clicks, *args: (calls.append(sum(map(len, clicks.values()))),
-                                                     write_flush(conn, clicks, *args))[1])
+    write_part = flush_writes.write_part
+    monkeypatch.setattr(flush_writes, "write_part",
+                        lambda conn, batches, *args: (calls.append(sum(map(len, click_deltas(batches).values()))),
+                                                      write_part(conn, batches, *args))[1])
     return calls
 
 
@@ -157,8 +165,8 @@ def test_a_part_carries_at_most_the_bound_and_the_totals_add_up(shm, database_ur
 
 def test_a_minutes_first_flush_goes_in_by_bulk_insert_in_every_part(shm, database_url, monkeypatch):
     upserted = []
-    add_to_rows = flush_writes._add_to_rows
-    monkeypatch.setattr(flush_writes, "_add_to_rows", lambda cur, minute, banners, counts: (
+    add_to_rows = click_kind._add_to_rows
+    monkeypatch.setattr(click_kind, "_add_to_rows", lambda cur, minute, banners, counts: (
         upserted.append(len(banners)), add_to_rows(cur, minute, banners, counts)))
     one, two = writer(shm), writer(shm)
     click(one, range(1, 601))
@@ -191,9 +199,10 @@ def test_impression_logs_go_in_parts_too(shm, database_url, monkeypatch):
     from test_campaigns import KEY, make_campaign
 
     views = []
-    write_flush = flush_writes.write_flush
-    monkeypatch.setattr(flush_writes, "write_flush", lambda conn, clicks, seqs, retired, imps, *rest: (
-        views.append(len(imps)), write_flush(conn, clicks, seqs, retired, imps, *rest))[1])
+    write_part = flush_writes.write_part
+    monkeypatch.setattr(flush_writes, "write_part", lambda conn, batches, seqs, retired, *rest: (
+        views.append(len(batches[IMPRESSIONS].records if IMPRESSIONS in batches else ())),
+        write_part(conn, batches, seqs, retired, *rest))[1])
     campaign = make_campaign(database_url)
     log = impressions.ImpressionLog(shm, 2048, 1 << 24)
     for user in range(700):
@@ -271,10 +280,12 @@ def test_old_segment_files_with_range_start_zero_are_settled_both_ways(shm, data
     w[16 + segment.PENDING] = 5
     w[segment.PENDING_USED] = 1
     w[segment.PENDING_SEQ] = 1
-    conn = connection.connect(database_url)
-    flush_writes.register_segments(conn, [seg.id])
-    flush_writes.write_flush(conn, {seg.minute: {4: 5}}, {seg.id: 1})
-    conn.close()
+    store = PostgresStore(database_url)
+    store.register([seg.id])
+    batch = CLICKS.flush([], {})()  # a minute not known to be new: added by upsert
+    batch.add(seg, {4: 5})
+    store.write_part({CLICKS: batch}, {seg.id: 1})
+    store.close()
     seg.close()
     f = Flusher(shm, database_url)
     assert f.flush_once()["clicks"] == 5  # confirmed by the settlement

@@ -8,14 +8,14 @@ import statistics
 import pytest
 from conftest import query
 
-from counter.storage import flush_writes
+from counter.kinds import clicks as click_kind
 from loadtest import bench
 
 
 def test_the_flush_benchmark_stores_exactly_what_it_counted(database_url, monkeypatch):
     upserts = []
-    add_to_rows = flush_writes._add_to_rows
-    monkeypatch.setattr(flush_writes, "_add_to_rows",
+    add_to_rows = click_kind._add_to_rows
+    monkeypatch.setattr(click_kind, "_add_to_rows",
                         lambda cur, *args: (upserts.append(args[0]), add_to_rows(cur, *args)))
     report = bench.bench_flush(database_url, keys=3000, rounds=2)
     assert report["rows"] == 3000 and report["rounds"] == 2

@@ -10,9 +10,10 @@ import pytest
 from conftest import clicks_by_banner, query
 
 from counter.flush.flusher import LOCK_FILE, Flusher, StopSignal
+from counter.kinds import clicks as click_kind
 from counter.shm import segment
 from counter.shm.segment import SegmentFile, SegmentWriter
-from counter.storage import connection, flush_writes, schema
+from counter.storage import connection, schema
 
 
 class Crash(Exception):
@@ -166,8 +167,8 @@ def fixed_clock_writer(shm, clicks, now=1_700_000_000.0):
 def test_a_minutes_first_flush_goes_in_by_bulk_insert_later_ones_by_upsert(shm, database_url,
                                                                            monkeypatch):
     upserted = []
-    add_to_rows = flush_writes._add_to_rows
-    monkeypatch.setattr(flush_writes, "_add_to_rows",
+    add_to_rows = click_kind._add_to_rows
+    monkeypatch.setattr(click_kind, "_add_to_rows",
                         lambda cur, minute, banners, counts: (upserted.append(banners),
                                                               add_to_rows(cur, minute, banners, counts)))
     w = fixed_clock_writer(shm, {1: 3, 2: 1})
@@ -232,8 +233,8 @@ def test_a_minute_after_2038_is_made_and_added_to(shm, database_url):
 def test_a_catch_up_over_many_minutes_copies_at_most_32_of_them(shm, database_url, monkeypatch):
     """Each COPY is a subtransaction; PostgreSQL caches 64 per transaction."""
     upserted = []
-    add_to_rows = flush_writes._add_to_rows
-    monkeypatch.setattr(flush_writes, "_add_to_rows",
+    add_to_rows = click_kind._add_to_rows
+    monkeypatch.setattr(click_kind, "_add_to_rows",
                         lambda cur, minute, banners, counts: (upserted.append(minute),
                                                               add_to_rows(cur, minute, banners, counts)))
     now = [1_700_000_000.0]
@@ -385,10 +386,9 @@ def test_a_commit_still_in_flight_is_waited_for_not_dropped(shm, database_url):
     count(shm, {1: 3})
     first = Flusher(shm, database_url)
     first._refresh()
-    conn = first._connection()
-    first._register(conn)
+    first._register()
     ends = {path: seg.words[segment.USED] for path, seg in first.segments.items()}
-    rows, views, seqs, staged, _ = first._stage({}, ends, 1000)
+    batches, seqs, staged, _ = first._stage({}, ends, 1000)
     # the first flusher's transaction is open (as if its COMMIT were in flight)
     slow = storage_connect(database_url)
     cur = slow.cursor()

@@ -22,6 +22,11 @@ that needs no halving doubles it again, up to `max_part_rows`.
 A crash before 3 commits leaves step 1 to drop the pending values; a crash
 after it leaves step 1 to confirm them. Either way no click is lost or added
 twice. Only one flusher may work a directory at a time (an flock guards it).
+
+The flusher names no kind of event and no database: it works the segment
+files of every kind in its registry (counter/kinds/), each part's records
+collected into one batch per kind, and hands them to its store
+(counter/storage/store.py), which writes a part in one transaction.
 """
 
 import fcntl
@@ -31,12 +36,10 @@ import random
 import signal
 import time
 
-import psycopg2.errors
-
 from counter.flush.status import StatusFile
-from counter.shm import directory, impressions, segment, worker_counters
-from counter.shm.kinds import SEGMENT_KINDS
-from counter.storage import connection, flush_writes, schema
+from counter.kinds.registry import REGISTRY
+from counter.shm import directory, segment, worker_counters
+from counter.storage.store import PostgresStore
 
 log = logging.getLogger("counter.flusher")
 
@@ -50,31 +53,34 @@ MAX_PART_ROWS = 100_000
 # milliseconds of writing. Failing even at this size is not about size: the
 # flusher backs off as in an outage and says so.
 MIN_PART_ROWS = 256
-# Errors that say "this batch was too much" (statement timeout, a cancel,
-# a size limit, out of memory): a smaller part may pass. Others are outages.
-_PART_TOO_LARGE = (psycopg2.errors.QueryCanceled, psycopg2.errors.ProgramLimitExceeded,
-                   psycopg2.errors.OutOfMemory)
 
 
 class Flusher:
-    def __init__(self, shm_dir, database_url, *, dedup_ttl=3600.0, fault=None,
-                 max_part_rows=MAX_PART_ROWS):
+    """store: a PostgresStore (or its URL); kinds: the registry of event kinds
+    whose segments it drains; options: what the kinds' writes read
+    (dedup_ttl), each kind's default when not given."""
+
+    def __init__(self, shm_dir, store, *, kinds=REGISTRY, fault=None,
+                 max_part_rows=MAX_PART_ROWS, **options):
         self.shm_dir = str(shm_dir)
-        self.database_url = database_url
-        self.dedup_ttl = dedup_ttl
+        self.store = PostgresStore(store) if isinstance(store, str) else store
+        self.kinds = kinds
+        self.options = kinds.options()
+        unknown = options.keys() - self.options.keys()
+        if unknown:
+            raise TypeError(f"no kind reads the options {sorted(unknown)}")
+        self.options.update(options)
         self.max_part_rows = max_part_rows
         self.min_part_rows = min(MIN_PART_ROWS, max_part_rows)
         self.part_rows = max_part_rows  # the next part's bound: adapts to timeouts
         # what committed parts and settlements wrote since the last reported
         # flush: a flush that fails after some parts reports them with the next
-        self._written = dict.fromkeys(("rows", "clicks", "impressions"), 0)
+        self._written = dict.fromkeys(("rows",) + kinds.names, 0)
         # called after every committed part: a long catch-up is progress (health)
         self._on_commit = lambda: None
-        self.segments = {}  # path -> SegmentFile
+        self.segments = {}  # path -> a reader (MappedSegment) of its kind
         self.retired_ids = []  # sequence rows to delete in the next transaction
         self._registered = set()  # segment ids whose sequence row exists
-        self._migrated = False
-        self._conn = None
         # A fault-injection hook for the crash tests: fault("before_commit") etc.
         self._fault = fault or (lambda point: None)
 
@@ -85,13 +91,12 @@ class Flusher:
         Raises on database errors; whatever was staged is then settled by the
         next call."""
         self._refresh()
-        conn = self._connection()
         try:
-            self._register(conn)
-            self._settle(conn)
+            self._register()
+            self._settle()
             finished = {s.path for s in self.segments.values() if s.finished()}
-            self._write_parts(conn)
-        except connection.DatabaseError:
+            self._write_parts()
+        except self.store.Error:
             self._drop_connection()
             raise
         removed = self._retire(finished)
@@ -100,30 +105,23 @@ class Flusher:
                       live_segments=len(self.segments) - (len(finished) - removed))
         return result
 
-    def _write_parts(self, conn):
+    def _write_parts(self):
         """Write every record the segments hold now, in parts of at most
         `part_rows` rows, each one transaction with its own sequence steps."""
         ends = {path: seg.words[segment.USED] for path, seg in self.segments.items()}
         cursors = dict.fromkeys(ends, 0)  # where each segment's next range starts
-        # A minute's first flush makes its rows: they go in by bulk insert.
-        # Across parts, a minute stays new for the banners no earlier part wrote.
-        fresh = {s.minute for s in self.segments.values()
-                 if isinstance(s, segment.SegmentFile)} - self._written_minutes()
-        written_banners = {}  # fresh minute -> banners earlier parts of this flush wrote
+        batch_makers = self._batch_makers()
         halved = False
         while True:
-            clicks, views, seqs, staged, stops = self._stage(cursors, ends, self.part_rows)
+            batches, seqs, staged, stops = self._stage(cursors, ends, self.part_rows, batch_makers)
             retired = list(self.retired_ids)
-            if clicks or views or retired:
-                new_minutes = {m for m in clicks if m in fresh and (
-                    m not in written_banners or written_banners[m].isdisjoint(clicks[m]))}
+            if batches or retired:
                 try:
                     self._fault("before_commit")
-                    flush_writes.write_flush(conn, clicks, seqs, retired, views, self.dedup_ttl,
-                                        new_minutes)
-                except _PART_TOO_LARGE as exc:
-                    self._settle(conn)  # the database says what became of the part
-                    self._halve_part(sum(map(len, clicks.values())) + len(views), exc)
+                    self.store.write_part(batches, seqs, retired)
+                except self.store.PartTooLarge as exc:
+                    self._settle()  # the database says what became of the part
+                    self._halve_part(sum(batch.size for batch in batches.values()), exc)
                     halved = True
                     continue  # the same records again, in a smaller part
                 self._fault("after_commit")
@@ -131,14 +129,13 @@ class Flusher:
                 for seg in staged:
                     seg.commit_pending()
                 del self.retired_ids[: len(retired)]
-                self._written["rows"] += sum(map(len, clicks.values()))
-                self._written["clicks"] += sum(sum(deltas.values()) for deltas in clicks.values())
-                self._written["impressions"] += len(views)
+                for kind, batch in batches.items():
+                    batch.committed()
+                    self._written["rows"] += batch.rows
+                    self._written[kind.name] += batch.events
             cursors.update(stops)
             if all(cursors[path] >= end for path, end in ends.items()):
                 break
-            for minute in clicks.keys() & fresh:
-                written_banners.setdefault(minute, set()).update(clicks[minute])
             self._fault("between_parts")
         if not halved:
             self.part_rows = min(self.max_part_rows, self.part_rows * 2)
@@ -147,7 +144,7 @@ class Flusher:
         """After a part of `rows` rows failed for its size: half of it next,
         or, if it was no larger than the smallest part, the error for run()
         to back off on."""
-        message = connection.describe_error(exc, self.database_url)
+        message = self.store.describe_error(exc)
         if rows <= self.min_part_rows:
             log.error("a flush part of %d rows (the smallest is %d) failed too; backing off error=%r",
                       rows, self.min_part_rows, message)
@@ -156,17 +153,17 @@ class Flusher:
         log.warning("flush part of %d rows failed; retrying at once with part_rows=%d error=%r",
                     rows, self.part_rows, message)
 
-    def _register(self, conn):
+    def _register(self):
         """Give every new segment its sequence row (seq 0) in a transaction of
         its own, before anything of it is flushed: the flush transaction then
         updates an existing row, holding its lock until the commit is done --
         which is what lets _settle wait for a commit still in flight."""
         new = [s.id for s in self.segments.values() if s.id not in self._registered]
         if new:
-            flush_writes.register_segments(conn, new)
+            self.store.register(new)
             self._registered.update(new)
 
-    def _settle(self, conn):
+    def _settle(self):
         """Decide every unsettled segment; count what it finds committed in
         the running totals."""
         unsettled = [s for s in self.segments.values() if not s.settled]
@@ -175,31 +172,30 @@ class Flusher:
         # FOR UPDATE: if our previous connection's COMMIT is still being
         # processed by the server, this waits for it instead of reading the
         # old sequence and dropping values that are about to be committed.
-        committed = flush_writes.committed_seqs(conn, [s.id for s in unsettled])
+        committed = self.store.committed([s.id for s in unsettled])
         for seg in unsettled:
             if committed.get(seg.id, -1) >= seg.words[segment.PENDING_SEQ]:
-                kind = "impressions" if isinstance(seg, impressions.ImpressionLogFile) else "clicks"
-                self._written[kind] += seg.pending_total()
+                self._written[self.kinds.of(seg).name] += seg.pending_total()
                 seg.commit_pending()
                 log.info("settled segment=%s outcome=committed", seg.id)
             else:
                 seg.discard_pending()
                 log.info("settled segment=%s outcome=not_committed", seg.id)
 
-    def _written_minutes(self) -> set:
-        """Minutes with rows in the database already, as far as the segments
-        tell: a click segment with a committed flush wrote rows of its minute."""
-        return {s.minute for s in self.segments.values()
-                if isinstance(s, segment.SegmentFile) and s.words[segment.FLUSHED_SEQ]}
+    def _batch_makers(self) -> dict:
+        """{kind: what makes its batch of each part} for one flush."""
+        return {kind: kind.flush([s for s in self.segments.values() if self.kinds.of(s) is kind],
+                                 self.options)
+                for kind in self.kinds}
 
-    def _stage(self, cursors, ends, budget):
+    def _stage(self, cursors, ends, budget, batch_makers=None):
         """Stage the next part: from each segment, the records from its cursor
-        on, below its end, at most `budget` rows in all. Returns the click
-        deltas as {minute: {banner_id: delta}}, the impressions, each staged
-        segment's pending sequence, the staged segments, and where each
-        segment's next range would start if this part is committed."""
-        clicks = {}
-        views, seqs, staged, stops = [], {}, [], {}
+        on, below its end, at most `budget` rows in all. Returns the batches
+        {kind: batch}, in the registry's order, each staged segment's pending
+        sequence, the staged segments, and where each segment's next range
+        would start if this part is committed."""
+        batch_makers = batch_makers or self._batch_makers()
+        batches, seqs, staged, stops = {}, {}, [], {}
         for path, seg in self.segments.items():
             start, end = cursors.get(path, 0), ends.get(path, 0)
             if start >= end:
@@ -214,15 +210,13 @@ class Flusher:
             budget -= len(staged_data)
             staged.append(seg)
             seqs[seg.id] = seg.words[segment.PENDING_SEQ]
-            if isinstance(seg, impressions.ImpressionLogFile):
-                views.extend(staged_data)
-            elif seg.minute not in clicks:
-                clicks[seg.minute] = staged_data
-            else:  # another worker's segment of the same minute
-                deltas = clicks[seg.minute]
-                for banner_id, delta in staged_data.items():
-                    deltas[banner_id] = deltas.get(banner_id, 0) + delta
-        return clicks, views, seqs, staged, stops
+            kind = self.kinds.of(seg)
+            if kind not in batches:
+                batches[kind] = batch_makers[kind]()
+            batches[kind].add(seg, staged_data)
+        # one order of kinds in every transaction of every node (no deadlocks)
+        batches = {kind: batches[kind] for kind in self.kinds if kind in batches}
+        return batches, seqs, staged, stops
 
     def _retire(self, finished) -> int:
         """Remove segments that can take no more clicks and are fully flushed.
@@ -245,11 +239,11 @@ class Flusher:
         self._put_back_removed()
         if not os.path.isdir(self.shm_dir):
             return  # removed under us: the next round makes it again (see _relock)
-        for kind, opener in SEGMENT_KINDS:
-            for path in segment.list_segments(self.shm_dir, kind.suffix):
+        for kind in self.kinds:
+            for path in segment.list_segments(self.shm_dir, kind.segment_kind.suffix):
                 if path not in self.segments:
                     try:
-                        seg = opener(path)
+                        seg = kind.reader(path)
                     except (ValueError, OSError) as exc:
                         log.error("unreadable segment path=%s error=%s", path, exc)
                         continue
@@ -321,21 +315,9 @@ class Flusher:
 
     # -- database connection -------------------------------------------------
 
-    def _connection(self):
-        if self._conn is None or self._conn.closed:
-            conn = connection.connect(self.database_url, "click-counter-flusher")
-            if not self._migrated:
-                # the schema may not have been there when the service started
-                applied = schema.migrate(conn)
-                if applied:
-                    log.info("applied migrations: %s", ", ".join(applied))
-                self._migrated = True
-            self._conn = conn
-        return self._conn
-
     def _drop_connection(self):
-        connection.close_quietly(self._conn)
-        self._conn = None
+        """After a database error: the store connects again when next used."""
+        self.store.disconnect()
 
     def close(self):
         self._drop_connection()
@@ -353,7 +335,7 @@ class Flusher:
         if lock is None:
             return False
         node = directory.read_node(self.shm_dir)
-        status = StatusFile(self.shm_dir)
+        status = StatusFile(self.shm_dir, self.kinds.names)
         self._on_commit = status.committed
         failures = 0
         try:
@@ -366,10 +348,10 @@ class Flusher:
                         return False
                 try:
                     result = self.flush_once()
-                except (connection.DatabaseError, OSError) as exc:
+                except (self.store.Error, OSError) as exc:
                     failures += 1
                     delay = min(interval * 2 ** min(failures, 10), max_backoff)
-                    message = connection.describe_error(exc, self.database_url)
+                    message = self.store.describe_error(exc)
                     unflushed = self.unflushed()  # the database is away: time to spare
                     log.error("flush failed attempt=%d retry_in=%.1fs unflushed=%d error=%r",
                               failures, delay, unflushed, message)
@@ -390,7 +372,8 @@ class Flusher:
                                self._rejections(status.totals))
                 if stopping:
                     if result["live_segments"] == 0 and not self.retired_ids:
-                        log.info("final flush done clicks=%d", result["clicks"])
+                        log.info("final flush done %s",
+                                 " ".join(f"{name}={result[name]}" for name in self.kinds.names))
                         return True
                     if stop.deadline_passed():
                         log.warning("stopping with %d segments still owned by live processes",
@@ -523,9 +506,9 @@ def main(settings, parent_pid=None, drain=False) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, stop_signals)
     os.makedirs(settings.shm_dir, mode=0o700, exist_ok=True)
     flusher = Flusher(
-        settings.shm_dir, settings.database_url, dedup_ttl=settings.dedup_ttl,
+        settings.shm_dir, PostgresStore(settings.database_url),
         fault=fault_from_env(os.environ.get("COUNTER_TEST_FAULT")),
-        max_part_rows=settings.flush_max_rows,
+        max_part_rows=settings.flush_max_rows, **REGISTRY.options(settings),
     )
     log.info("flusher started pid=%d shm_dir=%s interval=%.2fs",
              os.getpid(), settings.shm_dir, settings.flush_interval)

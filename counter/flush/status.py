@@ -6,7 +6,8 @@ import json
 import os
 import time
 
-from counter.shm import segment
+from counter.kinds.registry import REGISTRY
+from counter.shm import segment, worker_counters
 
 STATUS_FILE = "flusher.json"
 
@@ -14,15 +15,15 @@ STATUS_FILE = "flusher.json"
 class StatusFile:
     """The flusher's state and running totals, for /health and /metrics in the
     workers: a small JSON file replaced atomically after every cycle. Totals
-    carry over from the previous flusher's file, so they only go up."""
+    carry over from the previous flusher's file, so they only go up.
+    `kinds`: the names of the event kinds flushed (each has a total)."""
 
-    TOTALS = ("flushes", "flush_failures", "rows", "clicks", "impressions", "retired_segments",
-              "rejected_clicks", "rejected_impressions")
-
-    def __init__(self, shm_dir):
+    def __init__(self, shm_dir, kinds=REGISTRY.names):
         self.path = os.path.join(str(shm_dir), STATUS_FILE)
         previous = self.read(shm_dir) or {}
-        self.totals = {name: int(previous.get("totals", {}).get(name, 0)) for name in self.TOTALS}
+        self.written = ("rows",) + tuple(kinds)  # what each flush reports it wrote
+        names = ("flushes", "flush_failures") + self.written + ("retired_segments",) + tuple(worker_counters.FIELDS)
+        self.totals = {name: int(previous.get("totals", {}).get(name, 0)) for name in names}
         self.state = {"pid": os.getpid(), "started_at": time.time(), "last_flush_at": None,
                       "last_error": None, "last_error_at": None, "unflushed": 0,
                       "last_duration": None, "segments": 0, "live_segments": 0,
@@ -33,7 +34,7 @@ class StatusFile:
     def flushed(self, result, duration, live_rejections):
         """After a successful cycle. live_rejections: refusals counted by live
         workers (those of gone workers are already in the totals)."""
-        for name in ("rows", "clicks", "impressions"):
+        for name in self.written:
             self.totals[name] += result[name]
         self.totals["flushes"] += 1
         self.totals["retired_segments"] += result["retired"]

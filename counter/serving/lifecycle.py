@@ -88,13 +88,13 @@ def fit_shm_bound(settings):
     if room >= settings.shm_max_bytes:
         return settings
     threads = config.threads_per_worker(settings.server, settings.db_waiters)
-    needed = settings.workers * config.bytes_per_worker(settings.segment_slots,
-                                                        settings.impression_slots, threads)
+    needed = settings.workers * config.bytes_per_worker(dataclasses.asdict(settings), threads)
     if room < needed:
         sys.exit(f"cannot start: SHM_DIR {shm_dir} has {room} bytes of room, less than "
                  f"SHM_MAX_BYTES={settings.shm_max_bytes} and less than the {needed} bytes that "
                  f"WORKERS={settings.workers} need; give that tmpfs more room (docker: --shm-size) "
-                 f"or lower WORKERS, SEGMENT_SLOTS or IMPRESSION_SLOTS"
+                 f"or lower WORKERS, {', '.join(config.slot_settings()[:-1])} or "
+                 f"{config.slot_settings()[-1]}"
                  + (" (or DB_WAITERS_PER_WORKER: granian needs segments per thread)"
                     if threads > 1 else ""))
     log.warning("SHM_DIR %s has %d bytes of room, less than SHM_MAX_BYTES=%d: using "

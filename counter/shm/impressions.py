@@ -24,7 +24,6 @@ import uuid
 from counter.shm import segment
 
 IMPRESSIONS = segment.Kind(0x31474F4C_504D4943, ".imp", 5)  # "CIMPLOG1"
-assert IMPRESSIONS.suffix in segment.SUFFIXES
 FLUSHED_USED = 10
 
 

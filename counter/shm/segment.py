@@ -94,7 +94,11 @@ def _hold(fd, kind, wait=False) -> bool:
 # A kind of segment file: its magic number, file suffix and record size.
 Kind = collections.namedtuple("Kind", "magic suffix record_words")
 CLICKS = Kind(0x31474553_4B434C43, ".seg", 4)  # "CLCKSEG1" in little-endian bytes
-SUFFIXES = (CLICKS.suffix, ".imp")  # every kind's suffix (impressions.py adds the second)
+# Files of every kind count toward the memory bound (segment_bytes) but the
+# refusal counters' (worker_counters.STATS, a few words per worker): so a new
+# kind of events is measured without being named here.
+UNMEASURED_SUFFIXES = (".wst",)
+_NAME = re.compile(r"^(\d+)-\d+-[0-9a-f]{16}\.\w+$")  # a published file, as create() names it
 
 RECORD_WORDS = CLICKS.record_words
 SUFFIX = CLICKS.suffix
@@ -113,11 +117,12 @@ def file_size(slots: int, record_words: int = RECORD_WORDS) -> int:
 
 
 def segment_bytes(directory) -> int:
-    """Bytes taken by all segment files of a directory (the memory bound's measure)."""
+    """Bytes taken by all segment files of a directory (the memory bound's
+    measure): published files of any kind but UNMEASURED_SUFFIXES."""
     total = 0
     with os.scandir(directory) as entries:
         for entry in entries:
-            if entry.name.endswith(SUFFIXES):
+            if _NAME.match(entry.name) and not entry.name.endswith(UNMEASURED_SUFFIXES):
                 try:
                     total += entry.stat().st_size
                 except FileNotFoundError:  # retired meanwhile
@@ -572,9 +577,6 @@ class SegmentFile(MappedSegment):
     def unflushed(self) -> int:
         """Clicks counted here and not yet flushed (for health and the final drain)."""
         return unflushed_clicks(self.words)
-
-
-_NAME = re.compile(r"^(\d+)-\d+-[0-9a-f]{16}\.\w+$")
 
 
 def list_segments(directory, suffix=SUFFIX):

@@ -13,6 +13,7 @@ from counter.shm import segment
 log = logging.getLogger("counter.worker_stats")
 
 STATS = segment.Kind(0x31535457_4B434C43, ".wst", 0)  # "CLCKWTS1" in little-endian bytes
+assert STATS.suffix in segment.UNMEASURED_SUFFIXES  # outside the memory bound
 # header words (worker-written; words 11-13 are free in this kind of file)
 REJECTED_CLICKS, REJECTED_IMPRESSIONS, LAST_REFUSAL_AT = 11, 12, 13
 FIELDS = {"rejected_clicks": REJECTED_CLICKS, "rejected_impressions": REJECTED_IMPRESSIONS}

@@ -9,8 +9,8 @@ database call here: this runs on a thread that also serves clicks.
 """
 
 from counter.flush.status import StatusFile
+from counter.kinds.registry import REGISTRY
 from counter.shm import directory, segment, worker_counters
-from counter.shm.kinds import SEGMENT_KINDS
 
 REFUSALS_RECENT = 10.0  # seconds: a refusal this recent makes the node degraded
 MIN_STALL = 5.0  # seconds: the shortest flush lag that counts as a stalled flusher
@@ -24,10 +24,10 @@ def stall_after(flush_interval: float) -> float:
 def pending(shm_dir) -> int:
     """Clicks and impressions in shared memory that are not yet in the database."""
     total = 0
-    for kind, opener in SEGMENT_KINDS:
-        for path in segment.list_segments(shm_dir, kind.suffix):
+    for kind in REGISTRY:
+        for path in segment.list_segments(shm_dir, kind.segment_kind.suffix):
             try:
-                seg = opener(path)
+                seg = kind.reader(path)
             except (ValueError, OSError):
                 continue  # retired meanwhile, or not ours
             try:

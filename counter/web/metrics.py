@@ -9,12 +9,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from counter.flush.status import StatusFile
+from counter.kinds.registry import REGISTRY
 from counter.shm import segment
-from counter.shm.kinds import SEGMENT_KINDS
 
-_COUNTERS = {  # status total -> (metric name, help)
-    "clicks": ("click_counter_clicks_flushed", "Clicks written to PostgreSQL."),
-    "impressions": ("click_counter_impressions_flushed", "Impressions given to the dedup rule in PostgreSQL."),
+_COUNTERS = {  # status total -> (metric name, help); each kind's total first
+    **{kind.name: (f"click_counter_{kind.name}_flushed", kind.flushed_help) for kind in REGISTRY},
     "rows": ("click_counter_rows_written", "(banner, minute) rows written by flushes."),
     "flushes": ("click_counter_flushes", "Successful flush transactions."),
     "flush_failures": ("click_counter_flush_failures", "Flushes that failed (database errors)."),
@@ -45,12 +44,11 @@ class _StatusCollector:
         # in the file. (A recovering flush that commits between the file read
         # and the scan can make one scrape low; the file holds no split.)
         waiting = _unflushed_by_kind(self.shm_dir) if pending else {}
-        yield CounterMetricFamily("click_counter_clicks_accepted",
-                                  "Clicks answered 2xx: flushed, plus those waiting while flushes fail.",
-                                  value=totals.get("clicks", 0) + waiting.get("clicks", 0))
-        yield CounterMetricFamily("click_counter_impressions_accepted",
-                                  "Impressions answered 2xx: flushed, plus those waiting while flushes fail.",
-                                  value=totals.get("impressions", 0) + waiting.get("impressions", 0))
+        for kind in REGISTRY:
+            yield CounterMetricFamily(
+                f"click_counter_{kind.name}_accepted",
+                f"{kind.title} answered 2xx: flushed, plus those waiting while flushes fail.",
+                value=totals.get(kind.name, 0) + waiting.get(kind.name, 0))
         yield GaugeMetricFamily("click_counter_pending", "Clicks and impressions not yet in PostgreSQL "
                                 "(as the flusher last counted).", value=pending)
         last = status.get("last_flush_at")
@@ -73,18 +71,17 @@ class _StatusCollector:
 
 
 def _unflushed_by_kind(shm_dir) -> dict:
-    """{"clicks": n, "impressions": m} not yet in the database, read from the segments."""
+    """{"clicks": n, "impressions": m, ...} not yet in the database, read from the segments."""
     counts = {}
-    for kind, opener in SEGMENT_KINDS:
-        name = "clicks" if kind is segment.CLICKS else "impressions"
-        counts[name] = 0
-        for path in segment.list_segments(shm_dir, kind.suffix):
+    for kind in REGISTRY:
+        counts[kind.name] = 0
+        for path in segment.list_segments(shm_dir, kind.segment_kind.suffix):
             try:
-                seg = opener(path)
+                seg = kind.reader(path)
             except (ValueError, OSError):
                 continue  # retired meanwhile
             try:
-                counts[name] += seg.unflushed()
+                counts[kind.name] += seg.unflushed()
             finally:
                 seg.close()
     return counts

@@ -199,3 +199,18 @@ def test_stray_files_are_ignored(tmp_path):
     (tmp_path / "notes.seg").write_text("hello")
     (tmp_path / "1-2-zz.seg").write_text("hello")
     assert segment.list_segments(tmp_path) == []
+
+
+def test_the_file_layout_is_the_one_earlier_versions_wrote():
+    """Segment files left by an earlier version stay readable: the magic
+    numbers and word positions are those it wrote (layout.py holds them now)."""
+    from counter.shm import layout
+
+    assert (layout.CLICKS, layout.IMPRESSIONS, layout.WORKER_COUNTERS) == (
+        (0x31474553_4B434C43, ".seg", 4), (0x31474F4C_504D4943, ".imp", 5), (0x31535457_4B434C43, ".wst", 0))
+    assert (layout.OWNER_PID, layout.OWNER_START, layout.MINUTE, layout.CAPACITY, layout.USED,
+            layout.SEALED, layout.FLUSHED_SEQ, layout.PENDING_SEQ, layout.PENDING_USED,
+            layout.FLUSHED_USED, layout.PENDING_START, layout.MOVED) == (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 15)
+    assert (layout.REJECTED_CLICKS, layout.REJECTED_IMPRESSIONS, layout.LAST_REFUSAL_AT) == (11, 12, 13)
+    assert (layout.BANNER, layout.COUNT, layout.FLUSHED, layout.PENDING) == (0, 1, 2, 3)
+    assert layout.file_size(16384) == 8 * (16 + 4 * 16384)

@@ -3,8 +3,8 @@
 Where a click segment keeps counters, an impression log appends records,
 because deduplication needs each impression's user and time:
 
-    header: as segment.py; PENDING_USED is the pending watermark and word 10,
-            FLUSHED_USED, the flushed one (both written by the flusher only)
+    header: layout.py's table; PENDING_USED is the pending watermark and
+            FLUSHED_USED the flushed one (both written by the flusher only)
     record i (5 x int64) at word 16 + 5*i, written by the worker:
       campaign id (UUID, two words), user hash (two words), time (microseconds)
 
@@ -22,9 +22,7 @@ import time
 import uuid
 
 from counter.shm import segment
-
-IMPRESSIONS = segment.Kind(0x31474F4C_504D4943, ".imp", 5)  # "CIMPLOG1"
-FLUSHED_USED = 10
+from counter.shm.layout import FLUSHED_USED, IMPRESSIONS  # noqa: F401 (impressions.X for readers)
 
 
 def user_hash(key: bytes, user_id: str) -> bytes:

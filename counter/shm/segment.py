@@ -1,24 +1,8 @@
 """The shared-memory segment: one file in a tmpfs directory, mapped with mmap.
 
 A segment belongs to one worker process and holds the clicks of one minute.
-Every field has exactly one writer (DESIGN invariant 2):
-
-    header (16 x int64)                     writer
-      0 MAGIC                               creator, before the file is visible
-      1 OWNER_PID, 2 OWNER_START            creator
-      3 MINUTE (unix time // 60)            creator
-      4 CAPACITY (records)                  creator
-      5 USED (published records)            worker
-      6 SEALED (1 = worker is done)         worker
-      7 FLUSHED_SEQ, 8 PENDING_SEQ          flusher
-      9 PENDING_USED                        flusher
-     10 (impression logs: FLUSHED_USED, see impressions.py)
-     11 PENDING_START                       flusher
-     15 MOVED (1 = the file was republished  whoever republished it
-        and its copy is the live one)
-    record i (4 x int64) at word 16 + 4*i
-      BANNER, COUNT                         worker
-      FLUSHED, PENDING                      flusher
+Its words and who writes each (DESIGN invariant 2) are in layout.py, with
+the other kinds of files in SHM_DIR.
 
 Publish order (invariant 4): the worker writes a record's banner id first and
 only then raises USED; readers never look at or past USED. A new file is
@@ -30,7 +14,7 @@ Owner liveness: the writing process holds a shared flock on its segment for
 as long as it may write, and after sealing it until the flusher has drained
 it. The flusher knows the owner is gone -- killed, exited, in whatever pid
 namespace -- when it can take an exclusive lock. (OWNER_PID and OWNER_START
-are written for people reading a file; nothing decides on them.)
+are reserved: written for people reading a file, never read; see layout.py.)
 
 Unlinked is not gone (invariant 11): a tmp cleaner or systemd-logind's
 RemoveIPC may delete the directory while the service runs. The mappings
@@ -57,7 +41,6 @@ so a reader sees either the old or the new value, never a torn one.
 """
 
 import array
-import collections
 import contextlib
 import fcntl
 import logging
@@ -69,10 +52,30 @@ import struct
 import time
 
 from counter.shm.directory import note_removal, process_start_time  # noqa: F401 (re-exported)
+from counter.shm.layout import (  # noqa: F401 (the words, as segment.X for its readers)
+    BANNER,
+    CAPACITY,
+    CLICKS,
+    COUNT,
+    FLUSHED,
+    FLUSHED_SEQ,
+    HEADER_WORDS,
+    MINUTE,
+    MOVED,
+    OWNER_PID,
+    OWNER_START,
+    PENDING,
+    PENDING_SEQ,
+    PENDING_START,
+    PENDING_USED,
+    SEALED,
+    USED,
+    Kind,
+    file_size,
+)
 
 log = logging.getLogger("counter.segment")
 
-HEADER_WORDS = 16
 HOUSEKEEPING_INTERVAL = 1.0  # seconds between a writer's checks, made off the per-click path
 # A byte range (past any file's end) that a flusher read-locks on each file it
 # maps: a writer republishes an unlinked file only when nobody holds it.
@@ -91,9 +94,6 @@ def _hold(fd, kind, wait=False) -> bool:
         return False
     return True
 
-# A kind of segment file: its magic number, file suffix and record size.
-Kind = collections.namedtuple("Kind", "magic suffix record_words")
-CLICKS = Kind(0x31474553_4B434C43, ".seg", 4)  # "CLCKSEG1" in little-endian bytes
 # Files of every kind count toward the memory bound (segment_bytes) but the
 # refusal counters' (worker_counters.STATS, a few words per worker): so a new
 # kind of events is measured without being named here.
@@ -103,17 +103,6 @@ _NAME = re.compile(r"^(\d+)-\d+-[0-9a-f]{16}\.\w+$")  # a published file, as cre
 RECORD_WORDS = CLICKS.record_words
 SUFFIX = CLICKS.suffix
 
-# header words
-OWNER_PID, OWNER_START, MINUTE, CAPACITY, USED, SEALED = 1, 2, 3, 4, 5, 6
-FLUSHED_SEQ, PENDING_SEQ, PENDING_USED = 7, 8, 9
-PENDING_START = 11
-MOVED = 15  # 1 = republished elsewhere (the copy is the live file); written by the republisher
-# record words, relative to the record's first word
-BANNER, COUNT, FLUSHED, PENDING = 0, 1, 2, 3
-
-
-def file_size(slots: int, record_words: int = RECORD_WORDS) -> int:
-    return 8 * (HEADER_WORDS + record_words * slots)
 
 
 def segment_bytes(directory) -> int:

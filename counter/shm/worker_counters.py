@@ -8,14 +8,15 @@ import logging
 import os
 import time
 
-from counter.shm import segment
+from counter.shm import layout, segment
 
 log = logging.getLogger("counter.worker_stats")
 
-STATS = segment.Kind(0x31535457_4B434C43, ".wst", 0)  # "CLCKWTS1" in little-endian bytes
+STATS = layout.WORKER_COUNTERS
 assert STATS.suffix in segment.UNMEASURED_SUFFIXES  # outside the memory bound
-# header words (worker-written; words 11-13 are free in this kind of file)
-REJECTED_CLICKS, REJECTED_IMPRESSIONS, LAST_REFUSAL_AT = 11, 12, 13
+# header words, all written by the worker (layout.py)
+REJECTED_CLICKS, REJECTED_IMPRESSIONS, LAST_REFUSAL_AT = (
+    layout.REJECTED_CLICKS, layout.REJECTED_IMPRESSIONS, layout.LAST_REFUSAL_AT)
 FIELDS = {"rejected_clicks": REJECTED_CLICKS, "rejected_impressions": REJECTED_IMPRESSIONS}
 LOG_EVERY = 10.0  # seconds: at most one log line per worker about refusals
 

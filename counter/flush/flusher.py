@@ -220,7 +220,9 @@ class Flusher:
 
     def _retire(self, finished) -> int:
         """Remove segments that can take no more clicks and are fully flushed.
-        `finished` was taken before staging, so their counts were final then."""
+        `finished` was taken before staging, so their counts were final then.
+        Invariant 7: retired (sealed, or owner gone), drained, then unlinked:
+        the number of files stays bounded."""
         removed = 0
         for path in finished:
             seg = self.segments[path]
@@ -235,7 +237,9 @@ class Flusher:
 
     def _refresh(self):
         """Open segment files that appeared; put back removed ones whose owner
-        is gone; clean abandoned temporary files."""
+        is gone; clean abandoned temporary files. Invariant 6: every file in
+        the directory is drained, whoever wrote it and whether or not its
+        writer (or the flusher before us) still lives."""
         self._put_back_removed()
         if not os.path.isdir(self.shm_dir):
             return  # removed under us: the next round makes it again (see _relock)
@@ -330,7 +334,9 @@ class Flusher:
     def run(self, stop: "StopSignal", interval: float, max_backoff=10.0):
         """Flush every `interval` seconds until `stop` is set; then keep
         flushing until no segment has a live owner (or the stop deadline
-        passes). True if it ended with everything flushed."""
+        passes). True if it ended with everything flushed. Invariant 9: a
+        failed flush leaves the counts in the segments and is retried with
+        backoff; the workers never notice."""
         lock = self._lock(stop)
         if lock is None:
             return False

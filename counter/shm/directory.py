@@ -69,7 +69,8 @@ def owner_alive(node) -> bool:
 def claim(directory, **about):
     """Make this process the directory's owner, or raise InUse naming the
     live owner. `about` goes into the node file (e.g. bind, database).
-    Returns the previous owner's node file (None if there was none)."""
+    Returns the previous owner's node file (None if there was none).
+    Invariant 6: the segments a dead service left stay; nothing here wipes them."""
     os.makedirs(directory, mode=0o700, exist_ok=True)
     fd = os.open(os.path.join(directory, NODE_LOCK), os.O_RDWR | os.O_CREAT, 0o600)
     try:

@@ -225,7 +225,8 @@ class Writer:
     def _create(self, minute: int, kind: Kind):
         """A new segment of `kind` owned by this process, or None when the
         memory bound (SHM_MAX_BYTES over all segment files) or the tmpfs
-        leaves no room for it."""
+        leaves no room for it. Invariant 8: None becomes a 503 with
+        Retry-After (web/app.py); nothing is dropped silently."""
         for _ in range(2):
             try:
                 if segment_bytes(self.directory) + file_size(self.slots, kind.record_words) > self.max_bytes:
@@ -337,7 +338,8 @@ class SegmentWriter(Writer):
         self._retry_at = 0.0  # while out of memory, when to look again
 
     def add(self, banner_id: int) -> bool:
-        """Count one click now; False when it cannot be stored (memory bound)."""
+        """Count one click now; False when it cannot be stored (memory bound).
+        Invariant 1: a clock read, a dict lookup, one add into our own mapping."""
         now = self.clock()
         if not self._minute_start <= now < self._check_at:
             if not self._next(now):

@@ -26,7 +26,9 @@ _MAX_DIGITS = 32  # the same bound as stats_request.banner_id: int() stays cheap
 
 def click_route(clicks, app):
     """A WSGI callable: valid clicks are counted into `clicks` (``add(banner_id)
-    -> bool``) and answered; every other request goes to `app`."""
+    -> bool``) and answered; every other request goes to `app`.
+    DESIGN invariant 1: a click touches only its worker's memory -- a memo
+    lookup here and SegmentWriter.add; no lock, no syscall of ours, no database."""
     add = clicks.add
     memo = {}  # click path -> (banner id, status, headers)
     remembered = memo.get

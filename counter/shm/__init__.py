@@ -1,0 +1,2 @@
+"""Shared memory: the file format of SHM_DIR and its writers and readers. Below
+everything: imports nothing else of counter."""

@@ -367,7 +367,7 @@ class SegmentWriter(Writer):
         first = HEADER_WORDS + RECORD_WORDS * self._used
         self._words[first + BANNER] = banner_id
         self._used += 1
-        self._words[USED] = self._used  # publish only after the record is written
+        self._words[USED] = self._used  # publish only after the record is written (invariant 4)
         self._index[banner_id] = first + COUNT
         return first + COUNT
 
@@ -519,7 +519,8 @@ class SegmentFile(MappedSegment):
 
     def stage(self, start=0, end=None, limit=None):
         """Record the current counts of records [start, stop) as pending;
-        return the deltas {banner_id: count - flushed} of those with new clicks.
+        return the deltas {banner_id: count - flushed} of those with new clicks
+        (invariant 3: counts only go up; the flusher writes deltas, resets nothing).
 
         The range ends at `end` (default: USED), or before it, right after the
         `limit`-th record with new clicks (one part's worth). If there are new

@@ -24,6 +24,7 @@ log = logging.getLogger("counter.flusher")
 
 class PostgresStore:
     Error = psycopg2.Error
+    # Invariant 10: these say "this part was too much": the flusher halves it.
     PartTooLarge = (psycopg2.errors.QueryCanceled, psycopg2.errors.ProgramLimitExceeded,
                     psycopg2.errors.OutOfMemory)
 

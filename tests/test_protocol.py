@@ -411,3 +411,19 @@ def test_a_commit_still_in_flight_is_waited_for_not_dropped(shm, database_url):
 
 def storage_connect(url):
     return connection.connect(url)
+
+
+def test_an_idle_flusher_migrates_and_notices_an_outage(shm, make_database):
+    """No click yet: the flusher still connects every cycle, so it applies the
+    migrations (stats and campaigns need the tables before the first click)
+    and an unreachable database is an error, for /health to report."""
+    url = make_database(migrated=False)
+    flusher = Flusher(shm, url)
+    flusher.flush_once()
+    flusher.close()
+    assert query(url, "SELECT to_regclass('clicks') IS NOT NULL, to_regclass('campaigns') IS NOT NULL") == \
+        [(True, True)]
+    unreachable = Flusher(shm, "postgresql://nobody@127.0.0.1:1/none")
+    with pytest.raises(unreachable.store.Error):
+        unreachable.flush_once()
+    unreachable.close()

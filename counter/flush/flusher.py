@@ -92,6 +92,9 @@ class Flusher:
         next call."""
         self._refresh()
         try:
+            # every cycle, idle or not: an outage is noticed (and /health says
+            # so) and the migrations go in before the first click needs them
+            self.store.connect()
             self._register()
             self._settle()
             finished = {s.path for s in self.segments.values() if s.finished()}

@@ -105,6 +105,20 @@ def clicks_by_banner(url):
     return dict(query(url, "SELECT banner_id, sum(count)::bigint FROM clicks GROUP BY banner_id"))
 
 
+@pytest.fixture
+def data_dir():
+    """A DATA_DIR; a server this test left running on it is stopped after it.
+    Not under pytest's tmp_path: another pytest session sets that tree's root
+    back to 0700, and the server's system user (as root) must reach its data."""
+    parent = pathlib.Path(tempfile.mkdtemp(prefix="cc-test-data-"))
+    path = parent / "data"
+    yield path
+    server = embedded.EmbeddedPostgres(path)
+    if server.running_port() is not None:
+        server.stop(mode="immediate")
+    shutil.rmtree(parent, ignore_errors=True)
+
+
 @pytest.fixture(params=["gunicorn", "granian"])
 def stack(request):
     """The serving stack: gunicorn + meinheld, or granian (SERVER)."""

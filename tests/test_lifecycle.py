@@ -6,7 +6,6 @@ segments at its exit through what its app registered with it (gunicorn_hooks.wor
 
 import ast
 import os
-import pathlib
 import shutil
 import signal
 import tempfile
@@ -95,19 +94,6 @@ def test_prepare_writes_no_environment_and_children_get_the_settings_in_force(da
 
 
 # -- on a real tree, with the embedded PostgreSQL (DATABASE_URL unset) ----------------
-
-@pytest.fixture
-def data_dir():
-    """A DATA_DIR outside pytest's tmp_path (the server's system user must
-    reach it when run as root); a server left running on it is stopped after."""
-    parent = pathlib.Path(tempfile.mkdtemp(prefix="cc-test-data-"))
-    path = parent / "data"
-    yield path
-    server = embedded.EmbeddedPostgres(path)
-    if server.running_port() is not None:
-        server.stop(mode="immediate")
-    shutil.rmtree(parent, ignore_errors=True)
-
 
 def environment_of(pid):
     with open(f"/proc/{pid}/environ", "rb") as f:

@@ -176,7 +176,7 @@ def test_granians_main_process_killed_leaves_no_orphan_workers(database_url, ser
     old_workers = service.worker_pids()
     tally = clicker.Tally()
     load = threading.Thread(target=clicker.drive, args=(service.url, 10**8),
-                            kwargs=dict(banners=100, connections=8, seconds=6, tally=tally))
+                            kwargs=dict(banners=100, connections=8, seconds=4, tally=tally))
     load.start()
     time.sleep(1.5)
     os.kill(main, signal.SIGKILL)

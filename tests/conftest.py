@@ -107,17 +107,6 @@ def postgres_url():
 
 
 @pytest.fixture
-def pg_data_dir():
-    """A folder for an embedded PostgreSQL of the test's own, removed after it.
-    Not under pytest's tmp_path: another pytest session on the machine sets
-    that tree's root back to 0700 while this one runs, and the server's system
-    user (as root) could no longer reach its data (the test then hangs a minute)."""
-    path = pathlib.Path(tempfile.mkdtemp(prefix="cc-test-data-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
 def shm(tmp_path):
     """A shared-memory directory of the test's own (any directory works for the
     protocol; tmpfs matters only for speed)."""
@@ -215,6 +204,20 @@ def query(url, sql, args=()):
 
 def clicks_by_banner(url):
     return dict(query(url, "SELECT banner_id, sum(count)::bigint FROM clicks GROUP BY banner_id"))
+
+
+@pytest.fixture
+def data_dir():
+    """A DATA_DIR; a server this test left running on it is stopped after it.
+    Not under pytest's tmp_path: another pytest session sets that tree's root
+    back to 0700, and the server's system user (as root) must reach its data."""
+    parent = pathlib.Path(tempfile.mkdtemp(prefix="cc-test-data-"))
+    path = parent / "data"
+    yield path
+    server = embedded.EmbeddedPostgres(path)
+    if server.running_port() is not None:
+        server.stop(mode="immediate")
+    shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.fixture(params=["gunicorn", "granian"])

@@ -6,10 +6,8 @@ last counter process to leave stops it, and only then."""
 import os
 import pathlib
 import shlex
-import shutil
 import subprocess
 import sys
-import tempfile
 
 import pytest
 from conftest import ROOT, query, wait_until
@@ -19,20 +17,6 @@ from counter.storage import connection, embedded, schema
 pytestmark = pytest.mark.processes  # the CLI and PostgreSQL servers of its own
 
 ROWS = 100_000  # an export of these outgrows a pipe nobody reads: it waits, mid-stream
-
-
-@pytest.fixture
-def data_dir():
-    """A DATA_DIR; a server this test left running on it is stopped after it.
-    Not under pytest's tmp_path: another pytest session sets that tree's root
-    back to 0700, and the server's system user (as root) must reach its data."""
-    parent = pathlib.Path(tempfile.mkdtemp(prefix="cc-test-data-"))
-    path = parent / "data"
-    yield path
-    server = embedded.EmbeddedPostgres(path)
-    if server.running_port() is not None:
-        server.stop(mode="immediate")
-    shutil.rmtree(parent, ignore_errors=True)
 
 
 def env_for(data_dir):

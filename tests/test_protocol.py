@@ -267,7 +267,7 @@ def test_a_second_flusher_waits_for_the_first(shm, database_url):
 
 
 @pytest.mark.processes
-def test_flusher_retries_while_the_database_is_down_and_catches_up(shm, pg_data_dir, caplog):
+def test_flusher_retries_while_the_database_is_down_and_catches_up(shm, data_dir, caplog):
     import threading
 
     #STORAGE_IMPORTS#
@@ -275,7 +275,7 @@ def test_flusher_retries_while_the_database_is_down_and_catches_up(shm, pg_data_
     from counter.storage import embedded
 
     caplog.set_level(logging.INFO, logger="counter.flusher")
-    server = embedded.EmbeddedPostgres(pg_data_dir / "pg")
+    server = embedded.EmbeddedPostgres(data_dir)
     url = server.start()
     try:
         conn = connection.connect(url)

@@ -45,13 +45,13 @@ def _stop(pid):
 
 
 @pytest.mark.processes
-def test_the_readme_try_it_block_shows_three_clicks(tmp_path, pg_data_dir):
+def test_the_readme_try_it_block_shows_three_clicks(tmp_path, data_dir):
     block = try_it_block()
     assert ".venv/bin/counter serve" in block
     assert not re.search(r"(^|[;&|]\s*)counter\b", block, re.M), "bare `counter`: not on PATH after install"
     if not (ROOT / ".venv/bin/counter").exists():
         pytest.skip("the README's install (bash deploy/install.sh) has not been run here")
-    home, data = tmp_path / "home", pg_data_dir / "data"
+    home, data = tmp_path / "home", data_dir
     home.mkdir()
     shm = tempfile.mkdtemp(prefix="cc-test-readme-", dir="/dev/shm")
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "WORKERS", "SERVER")}

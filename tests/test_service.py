@@ -151,17 +151,17 @@ def test_without_meinheld_the_sync_worker_serves_exactly(database_url, service_f
     assert_exact(database_url, tally)
 
 
-def test_serve_without_database_url_runs_an_embedded_postgres(pg_data_dir, service_factory):
-    env = {"DATA_DIR": str(pg_data_dir / "data")}
+def test_serve_without_database_url_runs_an_embedded_postgres(data_dir, service_factory):
+    env = {"DATA_DIR": str(data_dir)}
     service = service_factory(None, workers=1, extra_env=env)
     for _ in range(3):
         assert service.get("/counter/9")[0] == 200
     body = wait_until(lambda: (b := service.get(
         "/stats/9?from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z&granularity=day")[1]) and b'"total": 3' in b and b)
     assert b'"total": 3' in body
-    assert (pg_data_dir / "data" / "pgdata" / "postmaster.pid").exists()
+    assert (data_dir / "pgdata" / "postmaster.pid").exists()
     assert service.terminate() == 0
-    assert not (pg_data_dir / "data" / "pgdata" / "postmaster.pid").exists()  # stopped with the service
+    assert not (data_dir / "pgdata" / "postmaster.pid").exists()  # stopped with the service
 
 
 def test_several_threads_per_worker_are_refused(database_url, service_factory):

@@ -79,8 +79,7 @@ def compare(variants, database_url, rounds=4, seconds=3, starts=3, connections=6
                     result["start"] = start_number
                     runs[variant].append(result)
         finally:
-            for proc, _ in servers.values():
-                bench.stop(proc)
+            bench.stop(*(proc for proc, _ in servers.values()))
             for shm_dir in shm_dirs:
                 shutil.rmtree(shm_dir, ignore_errors=True)
     return summarize(runs)

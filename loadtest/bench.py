@@ -77,13 +77,17 @@ def wait_ready(url, proc, timeout=30):
     raise RuntimeError(f"{url} did not answer")
 
 
-def stop(proc):
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop(*procs):
+    """SIGTERM to each at once (a graceful gunicorn stop takes seconds), then
+    wait for each; SIGKILL one that takes more than a minute."""
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)  # a no-op once it has exited
+    for proc in procs:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 _UNITS = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3, "m": 6e4, "h": 3.6e6}
@@ -197,9 +201,9 @@ def bench_stack(stack, database_url, args):
                         say("stats: one day of minute rows, 200 requests")
                         results["stats_one_day"] = stats_latency(click_url, database_url)
                 finally:
-                    stop(service)  # SIGTERM: the final flush stores everything counted
+                    stop(service, ceiling)  # SIGTERM: the final flush stores everything counted
             finally:
-                stop(ceiling)
+                stop(ceiling)  # if the service did not start
         stored = _stored(database_url) - before
         results["empty_wsgi"] = _median_run(empty_runs)
         results["click_route"] = _median_run(click_runs)

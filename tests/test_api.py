@@ -258,6 +258,7 @@ def test_a_chunked_body_is_read_and_capped(env):
     assert_error(r, 413)
 
 
+@pytest.mark.database
 def test_stats_with_the_database_down_is_503(tmp_path):
     settings = config.load({"DATABASE_URL": "postgresql://u:secret@127.0.0.1:1/x", "SHM_DIR": str(tmp_path)})
     client = falcon.testing.TestClient(create_app(settings, segment.SegmentWriter(tmp_path, 16, 1 << 20),

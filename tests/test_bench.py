@@ -28,6 +28,7 @@ def test_the_flush_benchmark_stores_exactly_what_it_counted(database_url, monkey
                                " FROM clicks") == [(6000, 6000, 2, 2)]
 
 
+@pytest.mark.processes
 def test_the_instruction_count_sees_the_click_routes_extra_work():
     """Under callgrind, the click route must cost more than the empty callable
     and the figures must add up; a few hundred requests keep it short."""

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 from click.testing import CliRunner
 from conftest import query
 
@@ -23,6 +24,7 @@ def test_db_migrate_then_status(database_url):
     assert query(database_url, "SELECT count(*) FROM schema_migrations") == [(len(schema._migrations()),)]
 
 
+@pytest.mark.database
 def test_unreachable_database_is_one_line_without_the_password():
     result = run(["db", "migrate"], {"DATABASE_URL": "postgresql://me:hunter2@127.0.0.1:1/db"})
     assert result.exit_code != 0
@@ -42,6 +44,7 @@ def test_every_command_has_help():
         assert result.exit_code == 0 and "Usage:" in result.output, args
 
 
+@pytest.mark.processes
 def test_serve_refuses_a_bad_setting_before_starting():
     done = subprocess.run([sys.executable, "-m", "cli", "serve", "--bind", "nowhere"],
                           capture_output=True, text=True, timeout=30)
@@ -84,8 +87,6 @@ import io  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
-
-import pytest  # noqa: E402
 
 from cli import output  # noqa: E402
 
@@ -180,6 +181,7 @@ def test_bad_input_is_one_line_and_exit_2(known, args, fragment):
     assert "Traceback" not in result.output
 
 
+@pytest.mark.database
 @pytest.mark.parametrize("args", [["stats", "5", "--from", "-1h"], ["export", "--from", "-1h"],
                                   ["top", "--from", "-1h"], ["db", "status"]])
 def test_every_reader_reports_an_unreachable_database_in_one_line(args):

@@ -19,6 +19,7 @@ def _tool(name, package):
     return path
 
 
+@pytest.mark.processes
 def test_compose_file_parses_with_every_profile():
     compose = _tool("docker-compose", "docker-compose")
     for extra in ([], ["--profile", "monitoring"]):
@@ -46,6 +47,7 @@ def test_dockerfile_copies_what_exists_and_runs_a_real_command():
         assert any(dest and needed.startswith(dest) for dest in copied), needed
 
 
+@pytest.mark.processes
 def test_nginx_accepts_the_upstream_config(tmp_path):
     nginx = _tool("nginx", "nginx-light")
     (tmp_path / "nginx.conf").write_text(
@@ -55,6 +57,7 @@ def test_nginx_accepts_the_upstream_config(tmp_path):
     assert done.returncode == 0, done.stderr
 
 
+@pytest.mark.processes
 @pytest.mark.parametrize("unit", ["click-counter.service", "click-counter-flusher.service"])
 def test_systemd_accepts_the_units_and_their_commands_exist(unit, tmp_path):
     analyze = _tool("systemd-analyze", "systemd")

@@ -14,6 +14,8 @@ from conftest import ROOT, query, wait_until
 
 from counter.storage import connection, embedded, schema
 
+pytestmark = pytest.mark.processes  # the CLI and PostgreSQL servers of its own
+
 ROWS = 100_000  # an export of these outgrows a pipe nobody reads: it waits, mid-stream
 
 

@@ -27,7 +27,7 @@ def test_a_frozen_flusher_makes_health_degraded_and_pending_shows_the_clicks(
     flusher = service.flusher_pid()
     tally = clicker.Tally()
     load = threading.Thread(target=clicker.drive, args=(service.url, 10**8), kwargs=dict(
-        banners=200, connections=8, seconds=9, tally=tally))
+        banners=200, connections=8, seconds=7, tally=tally))
     load.start()
     time.sleep(1.0)
     os.kill(flusher, signal.SIGSTOP)

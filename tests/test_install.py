@@ -11,6 +11,8 @@ from conftest import clicks_by_banner, wait_until
 
 from counter.testing import clicker
 
+pytestmark = pytest.mark.processes  # pip and the installed package run as processes
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):

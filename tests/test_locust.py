@@ -9,7 +9,11 @@ import shlex
 import subprocess
 import sys
 
+import pytest
+
 from counter.storage import embedded
+
+pytestmark = pytest.mark.processes  # locust runs as processes of its own
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 LOCUST = [sys.executable, "-m", "locust"]

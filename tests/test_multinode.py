@@ -91,9 +91,9 @@ def test_a_node_killed_during_load_drains_its_orphans_when_restarted(database_ur
     url = nginx([n.port for n in nodes])
     tally = clicker.Tally()
     load = threading.Thread(target=clicker.drive, args=(url, 10**8),
-                            kwargs=dict(banners=300, connections=16, seconds=8, tally=tally))
+                            kwargs=dict(banners=300, connections=16, seconds=5, tally=tally))
     load.start()
-    time.sleep(3)
+    time.sleep(2)
     victim = nodes[1]
     flusher = victim.flusher_pid()
     tree = victim.worker_pids() + [flusher]

@@ -267,7 +267,8 @@ def test_a_second_flusher_waits_for_the_first(shm, database_url):
     assert clicks_by_banner(database_url) == {1: 1}
 
 
-def test_flusher_retries_while_the_database_is_down_and_catches_up(shm, tmp_path, caplog):
+@pytest.mark.processes
+def test_flusher_retries_while_the_database_is_down_and_catches_up(shm, data_dir, caplog):
     import threading
 
     #STORAGE_IMPORTS#
@@ -275,7 +276,7 @@ def test_flusher_retries_while_the_database_is_down_and_catches_up(shm, tmp_path
     from counter.storage import embedded
 
     caplog.set_level(logging.INFO, logger="counter.flusher")
-    server = embedded.EmbeddedPostgres(tmp_path / "pg")
+    server = embedded.EmbeddedPostgres(data_dir)
     url = server.start()
     try:
         conn = connection.connect(url)

@@ -44,13 +44,14 @@ def _stop(pid):
         os.kill(pid, signal.SIGKILL)
 
 
-def test_the_readme_try_it_block_shows_three_clicks(tmp_path):
+@pytest.mark.processes
+def test_the_readme_try_it_block_shows_three_clicks(tmp_path, data_dir):
     block = try_it_block()
     assert ".venv/bin/counter serve" in block
     assert not re.search(r"(^|[;&|]\s*)counter\b", block, re.M), "bare `counter`: not on PATH after install"
     if not (ROOT / ".venv/bin/counter").exists():
         pytest.skip("the README's install (bash deploy/install.sh) has not been run here")
-    home, data = tmp_path / "home", tmp_path / "data"
+    home, data = tmp_path / "home", data_dir
     home.mkdir()
     shm = tempfile.mkdtemp(prefix="cc-test-readme-", dir="/dev/shm")
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "WORKERS", "SERVER")}

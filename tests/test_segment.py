@@ -135,6 +135,7 @@ def test_close_seals_the_segment(tmp_path):
     seg.close()
 
 
+@pytest.mark.processes  # a forked owner
 def test_a_segment_whose_owner_died_is_finished(tmp_path):
     pid = os.fork()
     if pid == 0:  # child: count and die without sealing

@@ -151,17 +151,17 @@ def test_without_meinheld_the_sync_worker_serves_exactly(database_url, service_f
     assert_exact(database_url, tally)
 
 
-def test_serve_without_database_url_runs_an_embedded_postgres(tmp_path, service_factory):
-    env = {"DATA_DIR": str(tmp_path / "data")}
+def test_serve_without_database_url_runs_an_embedded_postgres(data_dir, service_factory):
+    env = {"DATA_DIR": str(data_dir)}
     service = service_factory(None, workers=1, extra_env=env)
     for _ in range(3):
         assert service.get("/counter/9")[0] == 200
     body = wait_until(lambda: (b := service.get(
         "/stats/9?from=2000-01-01T00:00:00Z&to=2100-01-01T00:00:00Z&granularity=day")[1]) and b'"total": 3' in b and b)
     assert b'"total": 3' in body
-    assert (tmp_path / "data" / "pgdata" / "postmaster.pid").exists()
+    assert (data_dir / "pgdata" / "postmaster.pid").exists()
     assert service.terminate() == 0
-    assert not (tmp_path / "data" / "pgdata" / "postmaster.pid").exists()  # stopped with the service
+    assert not (data_dir / "pgdata" / "postmaster.pid").exists()  # stopped with the service
 
 
 def test_several_threads_per_worker_are_refused(database_url, service_factory):
@@ -176,7 +176,7 @@ def test_granians_main_process_killed_leaves_no_orphan_workers(database_url, ser
     old_workers = service.worker_pids()
     tally = clicker.Tally()
     load = threading.Thread(target=clicker.drive, args=(service.url, 10**8),
-                            kwargs=dict(banners=100, connections=8, seconds=6, tally=tally))
+                            kwargs=dict(banners=100, connections=8, seconds=4, tally=tally))
     load.start()
     time.sleep(1.5)
     os.kill(main, signal.SIGKILL)

@@ -100,9 +100,9 @@ def _remove_under_load(service, kill_flusher):
     it has drained what it held. Returns the tally of every answer."""
     tally = clicker.Tally()
     load = threading.Thread(target=clicker.drive, args=(service.url, 10**8), kwargs=dict(
-        banners=300, connections=16, seconds=7, tally=tally))
+        banners=300, connections=16, seconds=4, tally=tally))
     load.start()
-    time.sleep(2.0)
+    time.sleep(1.5)
     flusher = service.flusher_pid()
     remove_tree(service.shm_dir)
     if kill_flusher:

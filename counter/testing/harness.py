@@ -188,14 +188,31 @@ class Service:
         self.kill_all()
 
     def kill_all(self):
-        """SIGKILL every process this test started (by pid) that still lives."""
+        """SIGKILL every process this test started (by pid) that still lives.
+        The tree is frozen first (SIGSTOP) and read again until no new process
+        shows up: killed one by one while the rest ran, the supervisor or
+        granian could start a replacement that nobody would kill."""
+        seen, stopped = set(), set()
         self._remember_children()
+        while not self.started_pids <= seen:
+            stopped |= {pid for pid in self.started_pids - seen if self._signal(pid, signal.SIGSTOP)}
+            seen |= self.started_pids
+            for pid in stopped:  # what any of them started before it stopped
+                self.started_pids.update(children(pid))
         for pid in self.started_pids:
-            if pid != self.proc.pid and alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            self._signal(pid, signal.SIGKILL)
         if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.wait()
+        self.proc.wait()
+
+    def _signal(self, pid, signum):
+        """Signal pid if it lives; True if it was signalled."""
+        if pid == self.proc.pid and self.proc.poll() is not None:
+            return False  # reaped: its pid may be another process's by now
+        if not alive(pid):
+            return False
+        try:
+            os.kill(pid, signum)
+            return True
+        except ProcessLookupError:
+            return False

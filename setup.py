@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "requests>=2.31", "jsonschema>=4", "openapi-spec-validator>=0.7",
-                 "schemathesis>=4", "locust>=2.20",
+                 "schemathesis>=4", "locust>=2.20", "pytest-xdist>=3.5",
                  # habits checked in .ci/run: lint, and the layers of .importlinter
                  "ruff>=0.6", "import-linter>=2.1"],
         "load": ["locust>=2.20"],

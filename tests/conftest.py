@@ -42,12 +42,21 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "fast: set at collection: no database, no process (pytest -m fast)")
 
 
+# Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command) the tests
+# that put the machine under load or time it run one after another on one
+# worker, never beside each other: the fault suite's two stacks, the 100 ms
+# click budget of a locked table, the benchmarks, locust.
+ONE_AT_A_TIME = {"test_faults", "test_db_waits", "test_bench", "test_locust"}
+
+
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if DATABASE_FIXTURES.isdisjoint(item.fixturenames) and not any(
                 item.get_closest_marker(name) for name in NOT_FAST):
             item.add_marker(pytest.mark.fast)
+        if item.module.__name__ in ONE_AT_A_TIME:
+            item.add_marker(pytest.mark.xdist_group("one_at_a_time"))
 
 
 class NotFast(BaseException):

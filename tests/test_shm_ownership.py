@@ -45,7 +45,8 @@ def test_a_standalone_flusher_runs_beside_the_service(database_url, service_fact
         assert clicker.drive(service.url, 300, banners=3, connections=2).statuses[200] == 300
         assert wait_until(lambda: sum(clicks_by_banner(database_url).values()) == 300, timeout=10)
         # not refused: it waits its turn on the flusher lock
-        assert wait_until(lambda: "waiting for it" in (tmp_path / "standalone.log").read_text(), timeout=15)
+        assert wait_until(lambda: "waiting for it" in (tmp_path / "standalone.log").read_text(), timeout=30), \
+            (tmp_path / "standalone.log").read_text()
         assert standalone.poll() is None
     finally:
         standalone.terminate()

@@ -12,6 +12,7 @@ anyway fails (the guard below), so the mark cannot lie.
 """
 
 import contextlib
+import fcntl
 import os
 import pathlib
 import shutil
@@ -43,10 +44,29 @@ def pytest_configure(config):
 
 
 # Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command) the tests
-# that put the machine under load or time it run one after another on one
-# worker, never beside each other: the fault suite's two stacks, the 100 ms
-# click budget of a locked table, the benchmarks, locust.
+# that put the machine under load or time it run alone: one after another on
+# one worker (their xdist group), and while one runs the other worker waits
+# (_alone_when_it_must). The fault suite's two stacks, the 100 ms click budget
+# of a locked table, the benchmarks, locust.
 ONE_AT_A_TIME = {"test_faults", "test_db_waits", "test_bench", "test_locust"}
+
+
+@pytest.fixture(autouse=True)
+def _alone_when_it_must(request):
+    """Every test of a two-worker run holds a lock on a file both workers
+    share: a test of ONE_AT_A_TIME exclusively, any other one shared."""
+    workerinput = getattr(request.config, "workerinput", None)
+    if workerinput is None:  # not under xdist: one test at a time anyway
+        yield
+        return
+    path = os.path.join(tempfile.gettempdir(), f"cc-pytest-{workerinput['testrunuid']}.lock")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    alone = request.node.module.__name__ in ONE_AT_A_TIME
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects by marker

@@ -44,9 +44,12 @@ def test_a_standalone_flusher_runs_beside_the_service(database_url, service_fact
     try:
         assert clicker.drive(service.url, 300, banners=3, connections=2).statuses[200] == 300
         assert wait_until(lambda: sum(clicks_by_banner(database_url).values()) == 300, timeout=10)
-        # not refused: it waits its turn on the flusher lock
-        assert wait_until(lambda: "waiting for it" in (tmp_path / "standalone.log").read_text(), timeout=30), \
-            (tmp_path / "standalone.log").read_text()
+        # not refused: one of the two waits its turn on the flusher lock (on a
+        # loaded machine the standalone one may take it while the service's
+        # is between two lives; either way only one works the directory)
+        assert wait_until(lambda: "waiting for it" in (tmp_path / "standalone.log").read_text()
+                          or "waiting for it" in service.log(), timeout=30), \
+            ((tmp_path / "standalone.log").read_text(), service.log())
         assert standalone.poll() is None
     finally:
         standalone.terminate()

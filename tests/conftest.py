@@ -78,6 +78,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.fast)
         if item.module.__name__ in ONE_AT_A_TIME:
             item.add_marker(pytest.mark.xdist_group("one_at_a_time"))
+        elif item.module.__name__ == "test_install":  # one wheel build in the checkout at a time
+            item.add_marker(pytest.mark.xdist_group("install"))
 
 
 class NotFast(BaseException):

@@ -3,6 +3,7 @@ of the layout and the migrations, found through package resources."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -21,8 +22,12 @@ def installed(tmp_path_factory):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     wheels = tmp_path_factory.mktemp("wheel")
     target = tmp_path_factory.mktemp("site")
+    # built from a copy: setuptools writes build/ and *.egg-info into its source
+    source = tmp_path_factory.mktemp("source") / "click-counter"
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "__pycache__"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), root],
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(source)],
                    check=True, cwd=str(wheels), timeout=300)
     (wheel,) = wheels.glob("click_counter-*.whl")
     subprocess.run(pip + ["install", "--no-deps", "--target", str(target), str(wheel)],

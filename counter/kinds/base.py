@@ -18,7 +18,7 @@ storage: ``write`` gets a DB-API cursor from counter.storage (psycopg2's
 types stay there) and runs plain SQL on it.
 """
 
-from counter.shm import segment
+from counter.shm import segment, thread_writers
 
 
 class Batch:
@@ -80,8 +80,6 @@ class EventKind:
     def open_writer(self, settings, threads: int = 1):
         """The worker's writer of this kind. A kind not written per thread is
         shared by `threads` threads, one call at a time."""
-        from counter.shm import thread_writers
-
         writer = self.writer(settings.shm_dir, getattr(settings, self.slots), settings.shm_max_bytes)
         return thread_writers.OneAtATime(writer) if threads > 1 else writer
 

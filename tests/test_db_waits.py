@@ -8,6 +8,7 @@ once the lock is gone, and a stats request beyond K is refused at once.
 """
 
 import datetime
+import gc
 import http.client
 import json
 import shutil
@@ -83,8 +84,9 @@ def _click(port, seconds, first, latencies, statuses):
                 conn.close()
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         banner = 1 + i % BANNERS
+        sent = time.monotonic()
         status, seconds_taken, _, _ = _request(port, f"/counter/{banner}", conn)
-        latencies.append((seconds_taken, banner))
+        latencies.append((seconds_taken, banner, sent))
         statuses.append((status, banner))
         i += CLICK_CONNECTIONS
         due = max(due + interval, time.monotonic())
@@ -105,6 +107,10 @@ def test_a_waiting_database_does_not_stall_clicks(database_url, service_factory,
     answers, latencies, statuses = [], [], []
     stats_clients = [threading.Thread(target=_keep_stats_waiting, args=(port, stop, answers))
                      for _ in range(WORKERS * (WAITERS + 1))]  # one more than fits per worker
+    # This process times the clicks: a full collection of its heap (the whole
+    # suite's, ~50 ms per 100k objects here) would stall every click in flight
+    # at once and be charged to the server (CI: five at 0.095-0.101 s).
+    gc.disable()
     try:
         with locker.cursor() as cur:
             cur.execute("LOCK TABLE clicks IN ACCESS EXCLUSIVE MODE")
@@ -128,14 +134,16 @@ def test_a_waiting_database_does_not_stall_clicks(database_url, service_factory,
         for thread in clickers:
             thread.join()
     finally:
+        gc.enable()
         stop.set()
         locker.rollback()
         locker.close()
         for thread in stats_clients:
             thread.join(timeout=30)
 
-    slowest = sorted(latencies, reverse=True)[:5]
-    assert slowest[0][0] < CLICK_BUDGET, f"slowest clicks (seconds, banner): {slowest}"
+    slowest = [(round(seconds, 4), banner, round(sent - waiting_since, 3))
+               for seconds, banner, sent in sorted(latencies, reverse=True)[:5]]
+    assert slowest[0][0] < CLICK_BUDGET, f"slowest clicks (seconds, banner, sent at): {slowest}"
     assert len(latencies) >= 0.9 * CLICKS_PER_SECOND * LOCK_SECONDS, len(latencies)
     assert {status for status, _ in statuses} == {200}, sorted(set(statuses))[:5]
 

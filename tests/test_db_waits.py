@@ -61,14 +61,28 @@ def _busy(answer):
 
 
 def _keep_stats_waiting(port, stop, answers):
-    """One client: a stats request after another until `stop`; a refused one
-    is sent again shortly, on a new connection (so maybe to the other worker)."""
+    """One client: a stats request after another until `stop`. One that timed
+    out is sent again on the same connection, so the slot it held on that
+    worker is taken again at once; a refused one is sent again shortly, on a
+    new connection (so maybe to the other worker)."""
+    conn = None
     while not stop.is_set():
+        conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         sent = time.monotonic()
-        answer = _request(port, _stats_path())
+        try:
+            answer = _request(port, _stats_path(), conn)
+        except (OSError, http.client.HTTPException):  # the server closed it: a new one
+            conn.close()
+            conn = None
+            continue
         answers.append((sent, answer))
+        if _busy(answer) or answer[2].get("Connection", "").lower() == "close":
+            conn.close()
+            conn = None
         if _busy(answer):
             stop.wait(0.05)
+    if conn is not None:
+        conn.close()
 
 
 def _click(port, seconds, first, latencies, statuses):

@@ -1,7 +1,10 @@
-"""Fuzz the running service (gunicorn + meinheld, real PostgreSQL) with
-schemathesis against its own /openapi.json: no 5xx, every status documented,
-every answer (errors included) matching its schema. Short here; for a longer
-run: FUZZ_EXAMPLES=500 FUZZ_SECONDS=900 pytest tests/test_fuzz.py -s"""
+"""Fuzz the running service (real PostgreSQL) on both stacks with schemathesis
+against its own /openapi.json: no 5xx, every status documented, every answer
+(errors included) matching its schema. Short here: each phase (examples,
+coverage, fuzzing, stateful) once, 25 examples per operation, about 900
+requests a stack. For a longer run, FUZZ_SECONDS is a time budget that
+schemathesis 4 spends whole, repeating its fuzzing and stateful phases:
+FUZZ_EXAMPLES=500 FUZZ_SECONDS=900 pytest tests/test_fuzz.py -s"""
 
 import os
 import subprocess
@@ -14,14 +17,33 @@ import pytest
 # method" check is left out; PUT, DELETE, PATCH ... get the app's JSON 405.
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 
+# The methods the coverage phase sends to routes that do not declare them.
+# schemathesis' default list ends with QUERY; meinheld's parser rejects that
+# name outright with its HTML 400 and closes with the body unread, so a body
+# of some size makes it a connection reset (100 kB: 20 resets in 20 tries;
+# 20 bytes: 20 clean 400s), which the checks report as a failed request (seen
+# once, in CI). That is meinheld's answer to a method no route has, not ours:
+# QUERY is left out on gunicorn only; granian answers it with the app's 405.
+UNEXPECTED_METHODS = ["get", "put", "post", "delete", "options", "patch", "trace", "query"]
+
+
+def _config(tmp_path, stack):
+    methods = [m for m in UNEXPECTED_METHODS if not (stack == "gunicorn" and m == "query")]
+    path = tmp_path / "schemathesis.toml"
+    path.write_text("[phases.coverage]\nunexpected-methods = [%s]\n"
+                    % ", ".join(f'"{m}"' for m in methods))
+    return path
+
 
 @pytest.mark.service
 def test_fuzzing_finds_no_server_error_and_no_schema_violation(database_url, service_factory, tmp_path, stack):
     service = service_factory(database_url, workers=1, server=stack)
-    command = [sys.executable, "-m", "schemathesis.cli", "run", f"{service.url}/openapi.json",
+    command = [sys.executable, "-m", "schemathesis.cli", "--config-file", str(_config(tmp_path, stack)),
+               "run", f"{service.url}/openapi.json",
                "--checks", CHECKS, "-n", os.environ.get("FUZZ_EXAMPLES", "25"),
-               "--max-time", os.environ.get("FUZZ_SECONDS", "60"), "--no-color", "--seed", "1",
-               "--report-dir", str(tmp_path)]
+               "--no-color", "--seed", "1", "--report-dir", str(tmp_path)]
+    if os.environ.get("FUZZ_SECONDS"):
+        command += ["--max-time", os.environ["FUZZ_SECONDS"]]
     done = subprocess.run(command, capture_output=True, text=True, cwd=str(tmp_path), timeout=1200)
     print(done.stdout[-4000:])
     assert done.returncode == 0, done.stdout[-8000:] + done.stderr[-2000:]

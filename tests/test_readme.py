@@ -1,6 +1,7 @@
-"""The README's "try it in one minute" block works as written: run with bash
-after the install, on a fresh machine (its own HOME, data directory and port,
-the embedded PostgreSQL), it shows the three clicks it made."""
+"""The README stays a user's page: short, with the parts a newcomer needs, and
+its "try it in one minute" block works as written: run with bash after the
+install, on a fresh machine (its own HOME, data directory and port, the
+embedded PostgreSQL), it shows the three clicks it made."""
 
 import os
 import pathlib
@@ -77,3 +78,23 @@ def test_the_readme_try_it_block_shows_three_clicks(tmp_path, data_dir):
             _stop(int(pid[1]))
         embedded.EmbeddedPostgres(data).stop()  # if the service could not stop it
         shutil.rmtree(shm, ignore_errors=True)
+
+
+README_MAX_LINES = 200  # the rest belongs in docs/ (issue "The first hour", section 4)
+
+
+def test_the_readme_is_short_and_has_what_a_newcomer_needs():
+    text = (ROOT / "README.md").read_text()
+    lines = text.splitlines()
+    assert len(lines) <= README_MAX_LINES, (
+        f"README.md has {len(lines)} lines, at most {README_MAX_LINES}: move detail to docs/")
+    assert lines[0] == "# click-counter"
+    first_block = re.search(r"^```sh\n(.*?)^```$", text, re.S | re.M)[1]
+    assert "bash deploy/install.sh && .venv/bin/counter serve" in first_block
+    assert "bash deploy/install.sh --dev && .venv/bin/python -m pytest tests" in first_block
+    for heading in ("## Guarantees", "## Routes", "## Configuration", "## Command line",
+                    "## Where to go next"):
+        assert heading in lines, f"README.md lost its {heading!r} section"
+    assert "Try it in one minute" in text
+    for link in re.findall(r"\]\((docs/[^)]+)\)", text):
+        assert (ROOT / link).is_file(), f"README.md links to {link}, which does not exist"

@@ -21,6 +21,7 @@ from counter.shm import impressions, segment
 from counter.shm.segment import SegmentFile, SegmentWriter
 from counter.storage import connection, flush_writes, queries
 from counter.storage.store import PostgresStore
+from counter.web import health
 
 NOW = 1_700_000_000.0
 BACKLOG = 30_000
@@ -339,3 +340,27 @@ def test_flush_max_rows_is_validated_by_name(raw):
     with pytest.raises(config.ConfigError, match="FLUSH_MAX_ROWS"):
         config.load({"FLUSH_MAX_ROWS": raw})
     assert config.load({}).flush_max_rows == flusher_module.MAX_PART_ROWS
+
+
+def test_each_committed_part_of_a_long_flush_counts_as_progress_for_health(shm, database_url):
+    """A catch-up of many slow parts is progress, not a stall (DESIGN
+    invariant 13): /health's lag follows the last committed part, not the
+    start of the flush, so a long drain does not make the node degraded."""
+    click(writer(shm), range(1, 1201))
+    seen = []  # (seconds since the flush began, /health's view) at each pause between parts
+
+    def slow_parts(where):
+        if where == "between_parts":
+            time.sleep(1.2)
+            report = health.report(shm, time.time(), flush_interval=1.0)
+            seen.append((time.monotonic() - began, report["flusher"]["lag_seconds"], report["flusher"]["stalled"]))
+
+    f = Flusher(shm, database_url, max_part_rows=200, fault=slow_parts)
+    f._on_commit = StatusFile(shm, f.kinds.names).committed  # as Flusher.run wires it
+    began = time.monotonic()
+    assert f.flush_once()["rows"] == 1200
+    f.close()
+    assert len(seen) == 5, seen  # six parts, five pauses
+    elapsed, lag, stalled = seen[-1]
+    assert elapsed > health.MIN_STALL, seen  # longer than a stall, counted from the flush's start
+    assert lag is not None and lag < 2.5 and not stalled, seen

@@ -2,10 +2,13 @@
 each add one step of the route's work, served side by side and compared.
 
     python -m loadtest.ablation [--variants empty,click_answer,route_counting_nothing,route]
-                                [--rounds 4] [--seconds 3] [--starts 3] [--connections 64]
+                                [--stack gunicorn] [--rounds 4] [--seconds 3] [--starts 3]
+                                [--connections 64]
 
-Each variant (see loadtest/ablation_apps.py) runs in its own gunicorn with the
-service's settings (one meinheld worker, plus the flusher), all pinned to
+Each variant (see loadtest/ablation_apps.py) runs in its own server with the
+service's settings: gunicorn (one meinheld worker, plus the flusher) or
+granian (one worker with the service's threads; no flusher: a run stays well
+within the memory bound), all pinned to
 CPU 0; wrk, pinned to CPU 1, sends each the benchmark's clicks over 1,000
 banners in turn, in reverse order every other round, so the machine's drift
 hits all alike; all are started afresh `--starts` times, since a process
@@ -42,32 +45,38 @@ def cpu_seconds(pid):
 
 
 def worker_pid(master_pid):
-    """The gunicorn master's one worker: its child that is not the flusher."""
+    """The server's one worker: its child that is not the flusher."""
     for child in harness.children(master_pid):
         if "cli flusher" not in harness.cmdline(child):
             return child
     raise RuntimeError("the server has no worker")
 
 
-def start(variant, database_url, shm_dir):
+def start(variant, database_url, shm_dir, stack="gunicorn"):
     """Serve one variant; returns (process, url)."""
     port = embedded.free_port()
     env = dict(os.environ, DATABASE_URL=database_url, BIND=f"127.0.0.1:{port}", WORKERS="1",
-               SHM_DIR=shm_dir, LOG_LEVEL="warning", ABLATION_VARIANT=variant)
-    command = [sys.executable, "-m", "gunicorn", "-c", "python:counter.serving.gunicorn_hooks",
-               "loadtest.ablation_apps:application"]
+               SHM_DIR=shm_dir, LOG_LEVEL="warning", ABLATION_VARIANT=variant, SERVER=stack)
+    if stack == "granian":
+        from counter import config
+        from counter.serving import granian_serve
+
+        command = granian_serve.granian_command(config.load(env))[:-1]
+    else:
+        command = [sys.executable, "-m", "gunicorn", "-c", "python:counter.serving.gunicorn_hooks"]
+    command.append("loadtest.ablation_apps:application")
     url = f"http://127.0.0.1:{port}/counter/1"
     return bench.serve(command, env, url), url
 
 
-def compare(variants, database_url, rounds=4, seconds=3, starts=3, connections=64):
+def compare(variants, database_url, rounds=4, seconds=3, starts=3, connections=64, stack="gunicorn"):
     runs = {variant: [] for variant in variants}
     for start_number in range(starts):
         servers, shm_dirs = {}, []
         try:
             for variant in variants:
                 shm_dirs.append(tempfile.mkdtemp(prefix="cc-ablation-", dir="/dev/shm"))
-                servers[variant] = start(variant, database_url, shm_dirs[-1])
+                servers[variant] = start(variant, database_url, shm_dirs[-1], stack)
             workers = {variant: worker_pid(proc.pid) for variant, (proc, _) in servers.items()}
             for round_number in range(rounds):
                 for variant in variants if round_number % 2 == 0 else variants[::-1]:
@@ -117,6 +126,7 @@ def main():
     parser.add_argument("--seconds", type=int, default=3, help="per wrk run")
     parser.add_argument("--starts", type=int, default=3, help="fresh starts of all servers")
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--stack", choices=("gunicorn", "granian"), default="gunicorn")
     args = parser.parse_args()
     from loadtest import ablation_apps  # names only; the apps are built in the workers
 
@@ -127,7 +137,7 @@ def main():
 
     with bench.migrated_database() as url:
         print(json.dumps(compare(variants, url, args.rounds, args.seconds, args.starts,
-                                 args.connections), indent=2))
+                                 args.connections, args.stack), indent=2))
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 
+import falcon.testing
 import psycopg2
 import pytest
 from conftest import clicks_by_banner, query, wait_until
@@ -23,6 +24,7 @@ from conftest import clicks_by_banner, query, wait_until
 from counter import config
 from counter.shm import segment, thread_writers
 from counter.storage import db_pool
+from counter.web import app, click_route
 
 WORKERS = 2
 WAITERS = config.DEFAULT_DB_WAITERS  # K per worker
@@ -190,7 +192,7 @@ def test_a_gone_threads_segment_is_sealed_by_a_live_threads_housekeeping():
     segment is sealed (so the flusher retires it) by a live thread's writer."""
     shm_dir = tempfile.mkdtemp(prefix="cc-test-", dir="/dev/shm")
     try:
-        writers = thread_writers.ThreadWriters(shm_dir, 64, 1 << 20)
+        writers = thread_writers.ThreadWriters.open(shm_dir, 64, 1 << 20)
         assert writers.add(1)
         [mine] = writers.writers()
         gone = threading.Thread(target=lambda: [writers.add(2) for _ in range(3)])
@@ -207,5 +209,37 @@ def test_a_gone_threads_segment_is_sealed_by_a_live_threads_housekeeping():
             assert mapped.stage() == {2: 3}  # the gone thread's clicks, for the flusher
         finally:
             mapped.close()
+    finally:
+        shutil.rmtree(shm_dir)
+
+
+@pytest.mark.parametrize("served_by", ["click route", "falcon"])
+def test_each_thread_counts_into_a_segment_of_its_own(served_by):
+    """granian calls the app from several threads: each click lands in the
+    segment of the thread that answered it, on the click route and on
+    Falcon's (a ThreadWriters' add is looked up per click, never kept)."""
+    shm_dir = tempfile.mkdtemp(prefix="cc-test-", dir="/dev/shm")
+    try:
+        writers = thread_writers.ThreadWriters.open(shm_dir, 64, 1 << 20)
+        settings = config.load({"DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "SHM_DIR": shm_dir})
+        application = app.create_app(settings, writers, db_pool.Database(settings.database_url))
+        if served_by == "click route":
+            application = click_route.click_route(writers, application)
+        client = falcon.testing.TestClient(application)
+
+        def click(banner):
+            for _ in range(banner):
+                assert client.simulate_get(f"/counter/{banner}").status_code == 200
+
+        for banner in (1, 2, 3):  # one thread after another: the outcome is certain
+            thread = threading.Thread(target=click, args=(banner,))
+            thread.start()
+            thread.join()
+        staged = []
+        for path in segment.list_segments(shm_dir):
+            mapped = segment.SegmentFile(path)
+            staged.append(mapped.stage())
+            mapped.close()
+        assert sorted(staged, key=list) == [{1: 1}, {2: 2}, {3: 3}]
     finally:
         shutil.rmtree(shm_dir)

@@ -135,6 +135,28 @@ def test_close_seals_the_segment(tmp_path):
     seg.close()
 
 
+def test_a_sealed_segment_takes_no_more_clicks(tmp_path):
+    """Segments are sealed off add too (close; housekeeping, when SHM_DIR
+    was removed); add's fast path must not count into a sealed one, also
+    when the clock steps back into the sealed segment's bounds."""
+    clock = Clock(1_700_000_010.0)
+    w = writer(tmp_path, clock=clock)
+    assert w.add(1)
+    first = w.path
+    w.close()
+    assert w.add(1)
+    second = w.path
+    assert second != first
+    os.unlink(second)  # removed under the writer ...
+    clock.now += segment.HOUSEKEEPING_INTERVAL + 1
+    w.tick()  # ... so its housekeeping seals it and puts it back
+    clock.now -= segment.HOUSEKEEPING_INTERVAL + 1  # e.g. NTP stepping the clock back
+    assert w.add(1)
+    assert w.path not in (first, second)
+    assert [records(path) for path in (first, second, w.path)] == [{1: 1}] * 3
+    w.close()
+
+
 @pytest.mark.processes  # a forked owner
 def test_a_segment_whose_owner_died_is_finished(tmp_path):
     pid = os.fork()

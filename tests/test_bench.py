@@ -1,6 +1,6 @@
 """The measurement tools, run small against a real PostgreSQL and real
 server trees: the benchmark's flush and HTTP parts, the instruction count,
-and the ablation. Each must run, and what it stores must match what it counted."""
+the ablation and the cold-cache timing of the route. Each must run, and what it stores must match what it counted."""
 
 import argparse
 import statistics
@@ -61,6 +61,31 @@ def test_the_ablation_serves_each_variant_and_the_route_counts(database_url):
     # all answers were 2xx; the route stored each of them, and perhaps clicks
     # still in flight when wrk stopped; the other variants stored nothing
     assert 0 < report["route"]["answered"] <= stored <= report["route"]["sent"]
+
+
+def test_the_ablation_serves_its_variants_on_granian_too(database_url):
+    from loadtest import ablation
+
+    report = ablation.compare(["empty", "route"], database_url, rounds=1, seconds=1, starts=1,
+                              stack="granian")
+    for figures in report.values():
+        assert figures["runs"] == 1 and figures["non_2xx"] == 0 and figures["answered"] > 0
+        assert figures["user_us_per_request"] + figures["system_us_per_request"] > 0
+
+
+def test_the_cold_route_measure_times_every_call_of_each_app(tmp_path):
+    from counter.shm import segment
+    from counter.web.click_route import click_route
+    from loadtest import cold_route
+
+    writer = segment.SegmentWriter(tmp_path, 2048, 1 << 24)
+    apps = {"nothing": cold_route._nothing, "route": click_route(writer, cold_route._nothing)}
+    times = cold_route.measure(apps, clicks=600, rounds=2, evict_bytes=4096)
+    assert {name: len(calls) for name, calls in times.items()} == {"nothing": 600, "route": 600}
+    assert all(calls == sorted(calls) and calls[0] > 0 for calls in times.values())
+    mapped = segment.SegmentFile(writer.path)
+    assert sum(mapped.stage().values()) == 600 + 600  # the warm-up (all 600 paths) and the timed calls
+    mapped.close()
 
 
 def test_the_http_benchmark_takes_the_ratio_within_each_start(database_url):

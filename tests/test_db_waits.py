@@ -192,7 +192,7 @@ def test_a_gone_threads_segment_is_sealed_by_a_live_threads_housekeeping():
     segment is sealed (so the flusher retires it) by a live thread's writer."""
     shm_dir = tempfile.mkdtemp(prefix="cc-test-", dir="/dev/shm")
     try:
-        writers = thread_writers.ThreadWriters.open(shm_dir, 64, 1 << 20)
+        writers = thread_writers.ThreadWriters(shm_dir, 64, 1 << 20)
         assert writers.add(1)
         [mine] = writers.writers()
         gone = threading.Thread(target=lambda: [writers.add(2) for _ in range(3)])
@@ -217,10 +217,11 @@ def test_a_gone_threads_segment_is_sealed_by_a_live_threads_housekeeping():
 def test_each_thread_counts_into_a_segment_of_its_own(served_by):
     """granian calls the app from several threads: each click lands in the
     segment of the thread that answered it, on the click route and on
-    Falcon's (a ThreadWriters' add is looked up per click, never kept)."""
+    Falcon's (both keep the ThreadWriters' add, which finds the calling
+    thread's writer at each click)."""
     shm_dir = tempfile.mkdtemp(prefix="cc-test-", dir="/dev/shm")
     try:
-        writers = thread_writers.ThreadWriters.open(shm_dir, 64, 1 << 20)
+        writers = thread_writers.ThreadWriters(shm_dir, 64, 1 << 20)
         settings = config.load({"DATABASE_URL": "postgresql://x@127.0.0.1:1/x", "SHM_DIR": shm_dir})
         application = app.create_app(settings, writers, db_pool.Database(settings.database_url))
         if served_by == "click route":

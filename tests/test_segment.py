@@ -137,8 +137,8 @@ def test_close_seals_the_segment(tmp_path):
 
 def test_a_sealed_segment_takes_no_more_clicks(tmp_path):
     """Segments are sealed off add too (close; housekeeping, when SHM_DIR
-    was removed); add's fast path must not count into a sealed one, also
-    when the clock steps back into the sealed segment's bounds."""
+    was removed); add must not count into a sealed one then, also when the
+    clock steps back into the sealed segment's bounds."""
     clock = Clock(1_700_000_010.0)
     w = writer(tmp_path, clock=clock)
     assert w.add(1)

@@ -125,7 +125,7 @@ class Clicks(EventKind):
 
     def open_writer(self, settings, threads: int = 1):
         if threads > 1:  # granian: a segment writer per thread
-            return thread_writers.ThreadWriters.open(settings.shm_dir, settings.segment_slots,
+            return thread_writers.ThreadWriters(settings.shm_dir, settings.segment_slots,
                                                 settings.shm_max_bytes)
         return segment.SegmentWriter(settings.shm_dir, settings.segment_slots, settings.shm_max_bytes)
 

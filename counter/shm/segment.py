@@ -326,14 +326,6 @@ class SegmentWriter(Writer):
 
     Only the owning worker's single thread may call ``add`` (one writer per
     field; ``words[i] += 1`` is a read, an add and a store, not atomic).
-
-    ``add`` is a closure, not a method. Its common case -- a banner already
-    in the current segment, within the minute -- reads closure cells, not
-    attributes of self: ~100 ns less a click with a request's cold caches
-    (docs/performance.md). Everything else goes to ``_add``. The cells copy
-    ``_index``, ``_words``, ``_minute_start`` and ``_check_at``; ``_arm``
-    copies them again, and runs after every change of those: at the end of
-    ``_add`` and in ``_reset`` (which any seal runs, from housekeeping too).
     """
 
     def __init__(self, directory, slots: int, max_bytes: int, clock=time.time):
@@ -344,48 +336,21 @@ class SegmentWriter(Writer):
         self._minute_end = 0.0  # the current segment counts clicks in [start, end)
         self._check_at = 0.0  # the minute's end, or the next housekeeping if sooner
         self._retry_at = 0.0  # while out of memory, when to look again
-        self.add, self._arm = self._counting()
 
-    def _counting(self):
-        """(add, arm): ``add(banner_id) -> bool`` counts one click now, False
-        when it cannot be stored (memory bound); ``arm()`` copies the current
-        segment's state into add's cells. Invariant 1: a clock read, a dict
-        lookup, one add into our own mapping."""
-        clock, add_slowly = self.clock, self._add
-        index, words, counts_from, counts_until = {}, None, 0.0, 0.0
-
-        def add(banner_id: int) -> bool:
-            now = clock()
-            if counts_from <= now < counts_until:
-                word = index.get(banner_id)
-                if word is not None:
-                    words[word] += 1
-                    return True
-            return add_slowly(banner_id, now)
-
-        def arm():
-            nonlocal index, words, counts_from, counts_until
-            index, words = self._index, self._words
-            counts_from, counts_until = self._minute_start, self._check_at
-
-        return add, arm
-
-    def _add(self, banner_id: int, now: float) -> bool:
-        """add's other cases: a new minute, housekeeping due, a banner new
-        to the segment, a full segment, no room."""
-        try:
-            if not self._minute_start <= now < self._check_at:
-                if not self._next(now):
-                    return False
-            word = self._index.get(banner_id)
+    def add(self, banner_id: int) -> bool:
+        """Count one click now; False when it cannot be stored (memory bound).
+        Invariant 1: a clock read, a dict lookup, one add into our own mapping."""
+        now = self.clock()
+        if not self._minute_start <= now < self._check_at:
+            if not self._next(now):
+                return False
+        word = self._index.get(banner_id)
+        if word is None:
+            word = self._publish(banner_id, now)
             if word is None:
-                word = self._publish(banner_id, now)
-                if word is None:
-                    return False
-            self._words[word] += 1
-            return True
-        finally:
-            self._arm()
+                return False
+        self._words[word] += 1
+        return True
 
     def _next(self, now) -> bool:
         """Off the per-click path: housekeeping, then a new segment if the
@@ -437,7 +402,6 @@ class SegmentWriter(Writer):
         self._index = {}
         self._used = 0
         self._minute_start = self._minute_end = self._check_at = 0.0
-        self._arm()  # add counts nothing more into the segment that was current
 
     def _unflushed(self, words) -> int:
         return unflushed_clicks(words)

@@ -30,39 +30,26 @@ from counter.shm import segment
 TASKS = "/proc/self/task"  # one entry per live thread of this process, by native id
 
 
-class ThreadWriters(threading.local):
+class ThreadWriters:
     """``add(banner_id) -> bool``: count a click into the calling thread's
-    own writer. A ``threading.local``: each thread sees its own attributes,
-    set up by __init__ on the thread's first use of the object, so its
-    ``add`` is its own writer's, one attribute lookup away and no call of
-    ours in between (a click's cost, docs/performance.md). Hence: look up
-    ``add`` at each click; an ``add`` kept from another thread writes that
-    thread's segment. Build one with ``ThreadWriters.open(...)``; what the
-    threads share is a _Family."""
-
-    def __init__(self, family: "_Family"):
-        self.family = family
-        self.add = family.new_writer().add
-
-    @classmethod
-    def open(cls, directory, slots: int, max_bytes: int) -> "ThreadWriters":
-        return cls(_Family(directory, slots, max_bytes))
-
-    def writers(self) -> list:
-        """Every live thread's writer."""
-        return self.family.writers()
-
-
-class _Family:
-    """What the threads of one ThreadWriters share: their writers, each with
-    the native id of the thread that writes it."""
+    own writer (made on the thread's first click)."""
 
     def __init__(self, directory, slots: int, max_bytes: int):
         self._args = (directory, slots, max_bytes)
-        self._lock = threading.Lock()  # rare: a new thread, housekeeping
+        self._lock = threading.Lock()  # for _owners: rare (a new thread, housekeeping)
         self._owners = {}  # writer -> native id of the thread that writes it
+        local = threading.local()
 
-    def new_writer(self):
+        def add(banner_id):
+            try:  # free in 3.11 when nothing is raised
+                own = local.add
+            except AttributeError:
+                own = local.add = self._new_writer().add
+            return own(banner_id)
+
+        self.add = add
+
+    def _new_writer(self):
         writer = _ThreadWriter(self, *self._args)
         with self._lock:
             self._owners[writer] = threading.get_native_id()
@@ -86,7 +73,7 @@ class _ThreadWriter(segment.SegmentWriter):
     """A thread's writer; its housekeeping also adopts the writers of threads
     that are gone."""
 
-    def __init__(self, family: _Family, directory, slots: int, max_bytes: int):
+    def __init__(self, family: ThreadWriters, directory, slots: int, max_bytes: int):
         super().__init__(directory, slots, max_bytes)
         self._family = family
 

@@ -26,10 +26,10 @@ _MAX_DIGITS = 32  # the same bound as stats_request.banner_id: int() stays cheap
 
 def click_route(clicks, app):
     """A WSGI callable: valid clicks are counted into `clicks` (``add(banner_id)
-    -> bool``, looked up per click: on granian each thread has its own, see
-    ThreadWriters) and answered; every other request goes to `app`.
+    -> bool``) and answered; every other request goes to `app`.
     DESIGN invariant 1: a click touches only its worker's memory -- a memo
     lookup here and SegmentWriter.add; no lock, no syscall of ours, no database."""
+    add = clicks.add
     memo = {}  # click path -> (banner id, status, headers)
     remembered = memo.get
 
@@ -55,7 +55,7 @@ def click_route(clicks, app):
             if method == "GET" or method == "POST":
                 banner, status, headers = click
                 try:  # free in 3.11 when nothing is raised
-                    counted = clicks.add(banner)
+                    counted = add(banner)
                 except Exception:  # noqa: BLE001 -- Falcon renders it as a JSON 500
                     counted = False
                 if counted:

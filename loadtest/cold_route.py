@@ -1,6 +1,9 @@
-"""The click route's own time per click with cold caches, in one process: a
-measure fine enough to compare two versions of the click path, where the
-requests/s benchmark's noise hides a tenth of a microsecond.
+"""The click route's own time per click with cold caches, in one process:
+fine enough to compare two versions of the route's code, where the
+requests/s benchmark's noise hides a tenth of a microsecond. It overstates
+what reaches a server: a native add 330-430 ns faster here saved nothing
+the ablation could see (docs/performance.md), so a gain here is a lead for
+loadtest.ablation and loadtest.bench, not a result.
 
     python -m loadtest.cold_route [--clicks 40000] [--rounds 3] [--evict-kib 256]
 

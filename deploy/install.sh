@@ -40,7 +40,7 @@ if "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info >= (3, 13))'; th
     "$venv/bin/python" deploy/meinheld/apply_patch.py deploy/meinheld/meinheld-1.0.2.patch "$build/meinheld-1.0.2"
     # --no-build-isolation: setup.py finds greenlet.h in this venv's greenlet
     "${pip[@]}" install --no-deps --no-cache-dir --no-build-isolation --force-reinstall "$build/meinheld-1.0.2"
-    "$venv/bin/python" -c 'import meinheld.server as s; assert s.CLICK_COUNTER_PATCH == 1' \
+    "$venv/bin/python" -c 'import meinheld.server as s; assert s.CLICK_COUNTER_PATCH == 2' \
         || { echo "meinheld was installed but is not the patched build, or does not import" >&2; exit 1; }
 fi
 echo "installed into $venv: $("$venv/bin/python" --version), run $venv/bin/counter --help"

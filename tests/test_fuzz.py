@@ -14,7 +14,7 @@ import sys
 import pytest
 
 # meinheld's HTTP parser answers a method it does not know (e.g. QUERY) with
-# its own HTML 400 before any application code runs, and closes with the body
+# its own 400 (JSON, with our patch) before any application code runs, and closes with the body
 # unread: with a body of some size the client gets a reset (100 kB: 20 resets
 # in 20 tries; 20 bytes: 20 clean 400s). So the "undeclared method" check is
 # left out, and on gunicorn QUERY is dropped from the methods the coverage

@@ -40,8 +40,8 @@ def test_the_installed_meinheld_is_the_patched_build():
         from meinheld import server
     except ImportError:  # Python 3.13+: no meinheld, gunicorn serves with another worker
         pytest.skip("meinheld does not import here")
-    assert server.CLICK_COUNTER_PATCH == 1, "deploy/install.sh builds meinheld with our patch"
-    assert importlib.metadata.version("meinheld") == "1.0.2+clickcounter.1"
+    assert server.CLICK_COUNTER_PATCH == 2, "deploy/install.sh builds meinheld with our patch"
+    assert importlib.metadata.version("meinheld") == "1.0.2+clickcounter.2"
 
 
 def test_a_bad_upgrade_or_connect_never_hurts_the_next_request_on_its_worker(one_worker, database_url):

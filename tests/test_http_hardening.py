@@ -4,6 +4,7 @@ senders, pipelining. Each gets a 4xx (or a closed connection, never a 2xx for
 a malformed request), counts nothing twice, leaves other clients served, and
 leaks no file descriptors (/proc/<worker>/fd before and after)."""
 
+import json
 import os
 import resource
 import socket
@@ -112,6 +113,41 @@ def test_malformed_requests_get_a_4xx_and_count_nothing(served, raw, stack):
     assert exchange(served.port, b"GET /counter/2 HTTP/1.1\r\nHost: x\r\n\r\n").startswith(b"HTTP/1.1 200")
     assert wait_until(lambda: clicks_by_banner(served.env["DATABASE_URL"]).get(2, 0) > flushed_before, timeout=10)
     assert SMUGGLED not in clicks_by_banner(served.env["DATABASE_URL"])
+
+
+def _answer(received):
+    """(status, headers by lower-case name, body) of the first HTTP answer."""
+    head, _, rest = received.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict((name.strip().lower(), value.strip())
+                   for name, _, value in (line.partition(":") for line in lines[1:]))
+    return int(lines[0].split()[1]), headers, rest[:int(headers.get("content-length", len(rest)))]
+
+
+@pytest.mark.parametrize("raw", [
+    b"GARBAGE\r\n\r\n",
+    b"QUERY /counter/1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /stats/1 HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 45\r\n\r\n{}",
+    b"GET /counter/1 HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n",
+    # (on granian these two reach the app, which refuses them: no time range)
+    b"POST /stats/1 HTTP/1.1\r\nHost: x\r\nExpect: 42-continue\r\nContent-Length: 2\r\n\r\n{}",
+    b"GET /stats/1 HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n\r\n",
+    b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 64,
+], ids=["garbage", "unknown-method", "two-content-lengths", "oversized-header", "expect",
+        "upgrade-foo", "tls-hello"])
+def test_errors_the_server_answers_itself_are_json_never_html(served, raw, stack):
+    """SPEC: every error is {"error", "code"} JSON, never an HTML page -- also
+    the ones that never reach the app. meinheld's own pages were HTML (our
+    patch makes them JSON); granian's HTTP layer answers with an empty body."""
+    status, headers, body = _answer(exchange(served.port, raw))
+    assert 400 <= status < 500
+    assert b"<html" not in body.lower()
+    if stack == "gunicorn" or body:
+        assert headers["content-type"] == "application/json"
+        error = json.loads(body)
+        assert set(error) == {"error", "code"} and error["code"] == status and error["error"]
+    else:  # granian: hyper's own 4xx, no body at all
+        assert headers["content-length"] == "0"
 
 
 def test_pipelined_clicks_are_each_answered_and_counted_once(served):

@@ -1,6 +1,7 @@
 """The measurement tools, run small against a real PostgreSQL and real
 server trees: the benchmark's flush and HTTP parts, the instruction count,
-the ablation and the cold-cache timing of the route. Each must run, and what it stores must match what it counted."""
+the ablation and the cold-cache timing of the route. Each must run, and what
+it stores must match what it counted."""
 
 import argparse
 import statistics

@@ -14,13 +14,13 @@ import sys
 import pytest
 
 # meinheld's HTTP parser answers a method it does not know (e.g. QUERY) with
-# its own 400 (JSON, with our patch) before any application code runs, and closes with the body
-# unread: with a body of some size the client gets a reset (100 kB: 20 resets
-# in 20 tries; 20 bytes: 20 clean 400s). So the "undeclared method" check is
-# left out, and on gunicorn QUERY is dropped from the methods the coverage
-# phase sends to routes that do not declare them (schemathesis' default list;
-# a reset there failed CI once). PUT, DELETE, PATCH ... get the app's JSON 405;
-# granian answers QUERY with it too.
+# its own 400 (JSON, with our patch) before any application code runs, and
+# closes with the body unread: with a body of some size the client gets a
+# reset (100 kB: 20 resets in 20 tries; 20 bytes: 20 clean 400s). So the
+# "undeclared method" check is left out, and on gunicorn QUERY is dropped from
+# the methods the coverage phase sends to routes that do not declare them
+# (schemathesis' default list; a reset there failed CI once). PUT, DELETE,
+# PATCH ... get the app's JSON 405; granian answers QUERY with it too.
 CHECKS = "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
 UNEXPECTED_METHODS = ["get", "put", "post", "delete", "options", "patch", "trace", "query"]
 
